@@ -1,0 +1,75 @@
+"""Value types that flow between pipeline stages and into the table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+FIELDS: tuple[str, ...] = (
+    "gender",
+    "baseColour",
+    "season",
+    "usage",
+    "articleType",
+    "masterCategory",
+    "subCategory",
+)
+# Fields with a head of their own; the other two are derived from articleType.
+HEAD_FIELDS: tuple[str, ...] = ("gender", "baseColour", "season", "usage", "articleType")
+DERIVED_FIELDS: tuple[str, ...] = ("masterCategory", "subCategory")
+
+
+class Status(StrEnum):
+    OK = "ok"
+    FAILED_FETCH = "failed_fetch"
+    FAILED_DECODE = "failed_decode"
+    FAILED_INFER = "failed_infer"
+    FAILED_LIMIT = "failed_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """One object to enrich: what an S3 event, a listing or a local folder names."""
+
+    bucket: str
+    key: str
+    version_id: str | None = None
+    etag: str | None = None
+    size: int | None = None
+    sequencer: str | None = None
+
+    @property
+    def object_version(self) -> str:
+        """The identity of these bytes: S3 version id, else ETag, else empty (unversioned, unknown)."""
+        return self.version_id or (self.etag or "").strip('"')
+
+
+@dataclass(frozen=True, slots=True)
+class FieldPrediction:
+    value: str | None  # None: below the field's confidence threshold ("unknown")
+    confidence: float
+    top_k: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePrediction:
+    fields: dict[str, FieldPrediction]
+    caption: str
+    caption_confidence: float
+
+
+@dataclass(slots=True)
+class EnrichmentResult:
+    """Exactly one per job: either a prediction or a failure status with its reason."""
+
+    ref: ObjectRef
+    status: Status
+    model_name: str
+    model_version: str
+    error: str | None = None
+    prediction: ImagePrediction | None = None
+    content_sha256: str | None = None
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)

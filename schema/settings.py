@@ -1,0 +1,62 @@
+"""One settings object for the whole service, read from ``ENRICH_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "models" / "default"
+DEFAULT_QUEUE = "enrich"
+ENRICH_TASK_NAME = "enrich.object"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Built once at the edge (CLI, worker start) and passed in."""
+
+    model_config = SettingsConfigDict(env_prefix="ENRICH_", env_file=None, extra="ignore")
+
+    # Storage of results: a local SQLite file by default so `enrich run` needs nothing running.
+    database_url: str = "sqlite:///enrich.db"
+
+    # Broker and queue (the Redis list KEDA watches has the same name as the queue).
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = DEFAULT_QUEUE
+    # Seconds before Redis hands an unacknowledged message to another worker; above the worst batch.
+    visibility_timeout_s: int = 600
+    # Retries of a job that failed for a transient reason before it is dead-lettered.
+    max_attempts: int = 5
+
+    # S3 API (AWS, MinIO or moto). Credentials also fall back to the usual AWS_* variables.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Buckets the ingest accepts events for; empty means any.
+    allowed_buckets: list[str] = Field(default_factory=list)
+    sqs_queue_url: str | None = None
+
+    # Inference.
+    model_bundle: Path = DEFAULT_BUNDLE
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 64
+    max_wait_ms: int = 50
+    # Tasks one worker process holds at once; enough to fill the next batch while one runs.
+    worker_concurrency: int = 0  # 0: 2 x batch_size
+    fetch_threads: int = 8
+
+    # Limits on hostile input.
+    max_object_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 60_000_000
+
+    # Ingest webhook.
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8080
+    webhook_secret: SecretStr | None = None
+    webhook_max_body_bytes: int = 1024 * 1024
+
+    @property
+    def effective_concurrency(self) -> int:
+        return self.worker_concurrency or 2 * self.batch_size
