@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # Tasks one worker process holds at once; enough to fill the next batch while one runs.
     worker_concurrency: int = 0  # 0: 2 x batch_size
     fetch_threads: int = 8
+    # Prometheus metrics of a worker process (ingest serves them on its own HTTP port).
+    metrics_port: int = 9100
 
     # Limits on hostile input.
     max_object_bytes: int = 50 * 1024 * 1024

@@ -1,0 +1,173 @@
+"""Keyword-only functions over the enrichments table. Callers own the session and the transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, exists, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, aliased
+
+from schema.results import FIELDS, EnrichmentResult, ObjectRef, Status
+from schema.tables import FIELD_COLUMNS, Enrichment
+
+
+def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
+    ref = result.ref
+    row: dict[str, Any] = {
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "object_version": ref.object_version,
+        "version_id": ref.version_id,
+        "etag": ref.etag.strip('"') if ref.etag else None,
+        "size": result.size if result.size is not None else ref.size,
+        "content_sha256": result.content_sha256,
+        "width": result.width,
+        "height": result.height,
+        "status": result.status.value,
+        "error": result.error,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "timings_ms": result.timings_ms or None,
+        "caption": None,
+        "caption_confidence": None,
+        "top_k": None,
+    }
+    for column in FIELD_COLUMNS.values():
+        row[column] = None
+        row[f"{column}_confidence"] = None
+    prediction = result.prediction
+    if prediction is not None:
+        row["caption"] = prediction.caption
+        row["caption_confidence"] = prediction.caption_confidence
+        row["top_k"] = {
+            name: [[label, round(p, 5)] for label, p in fp.top_k] for name, fp in prediction.fields.items()
+        }
+        for field_name, fp in prediction.fields.items():
+            column = FIELD_COLUMNS[field_name]
+            row[column] = fp.value
+            row[f"{column}_confidence"] = fp.confidence
+    return row
+
+
+def upsert_enrichments(*, session: Session, results: Sequence[EnrichmentResult]) -> int:
+    """Write a batch in one statement. Returns how many rows were inserted or changed.
+
+    Idempotent on (bucket, key, object_version, model_version): a duplicate never overwrites an `ok`
+    row, so an image is enriched once per model version, while a retry may replace an earlier failure.
+    """
+    if not results:
+        return 0
+    rows = _dedupe_rows([result_to_row(r) for r in results])
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert_fn(Enrichment).values(rows)
+    excluded = statement.excluded
+    updatable = [c for c in rows[0] if c not in ("bucket", "key", "object_version", "model_version")]
+    statement = statement.on_conflict_do_update(
+        index_elements=["bucket", "key", "object_version", "model_version"],
+        set_={
+            **{column: excluded[column] for column in updatable},
+            "attempts": Enrichment.attempts + 1,
+            "updated_at": datetime.now().astimezone(),
+        },
+        where=Enrichment.status != Status.OK.value,
+    )
+    cursor = session.execute(statement)
+    return int(getattr(cursor, "rowcount", 0) or 0)
+
+
+def _dedupe_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One statement may not touch the same row twice: keep the best outcome per identity."""
+    best: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        identity = (row["bucket"], row["key"], row["object_version"], row["model_version"])
+        kept = best.get(identity)
+        if kept is None or (kept["status"] != Status.OK.value and row["status"] == Status.OK.value):
+            best[identity] = row
+    return list(best.values())
+
+
+def already_enriched(*, session: Session, refs: Iterable[ObjectRef], model_version: str) -> set[ObjectRef]:
+    """Refs that already have an `ok` row for this model version: skip them before spending GPU time."""
+    wanted = {(r.bucket, r.key, r.object_version): r for r in refs}
+    if not wanted:
+        return set()
+    identity = tuple_(Enrichment.bucket, Enrichment.key, Enrichment.object_version)
+    found = session.execute(
+        select(Enrichment.bucket, Enrichment.key, Enrichment.object_version).where(
+            identity.in_(list(wanted)),
+            Enrichment.model_version == model_version,
+            Enrichment.status == Status.OK.value,
+        )
+    )
+    return {wanted[(b, k, v)] for b, k, v in found}
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichmentQuery:
+    """Filters of `enrich query`; every value reaches SQL as a bound parameter."""
+
+    equals: dict[str, str]  # field name (camelCase as in FIELDS) -> value
+    min_confidence: float | None = None
+    status: str | None = None  # a Status value, or "failed" for every failure
+    since: datetime | None = None
+    until: datetime | None = None
+    bucket: str | None = None
+    key_prefix: str | None = None
+    model_version: str | None = None
+    all_versions: bool = False
+    limit: int = 100
+
+
+def build_query(query: EnrichmentQuery) -> Select[tuple[Enrichment]]:
+    conditions = []
+    if not query.all_versions:
+        # The latest row per image, the same rule as the enrichments_latest view.
+        newer = aliased(Enrichment)
+        conditions.append(
+            ~exists().where(
+                newer.bucket == Enrichment.bucket,
+                newer.key == Enrichment.key,
+                or_(
+                    newer.updated_at > Enrichment.updated_at,
+                    and_(newer.updated_at == Enrichment.updated_at, newer.id > Enrichment.id),
+                ),
+            )
+        )
+    for field_name, value in query.equals.items():
+        if field_name not in FIELDS:
+            raise ValueError(f"unknown field {field_name!r}; choose from {', '.join(FIELDS)}")
+        conditions.append(getattr(Enrichment, FIELD_COLUMNS[field_name]) == value)
+    if query.min_confidence is not None:
+        # On the filtered fields; with no filter, every field must be that confident.
+        for field_name in query.equals or FIELDS:
+            column = getattr(Enrichment, f"{FIELD_COLUMNS[field_name]}_confidence")
+            conditions.append(column >= query.min_confidence)
+    if query.status == "failed":
+        conditions.append(Enrichment.status != Status.OK.value)
+    elif query.status:
+        conditions.append(Enrichment.status == query.status)
+    if query.since:
+        conditions.append(Enrichment.updated_at >= query.since)
+    if query.until:
+        conditions.append(Enrichment.updated_at < query.until)
+    if query.bucket:
+        conditions.append(Enrichment.bucket == query.bucket)
+    if query.key_prefix:
+        conditions.append(Enrichment.key.startswith(query.key_prefix, autoescape=True))
+    if query.model_version:
+        conditions.append(Enrichment.model_version == query.model_version)
+    return (
+        select(Enrichment)
+        .where(*conditions)
+        .order_by(Enrichment.updated_at.desc(), Enrichment.id.desc())
+        .limit(query.limit)
+    )
+
+
+def query_enrichments(*, session: Session, query: EnrichmentQuery) -> list[Enrichment]:
+    return list(session.scalars(build_query(query)))

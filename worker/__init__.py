@@ -1,0 +1,1 @@
+"""The GPU worker: Celery app, micro-batcher and the fetch -> decode -> infer -> sink pipeline."""

@@ -1,0 +1,74 @@
+"""Bytes -> an RGB PIL image, within limits on pixels, with EXIF orientation applied."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class DecodeError(Exception):
+    """The bytes are not an image we can enrich; recorded as failed_decode (or failed_limit)."""
+
+
+class PixelLimitError(DecodeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    image: Image.Image
+    width: int  # of the original, before draft reduction
+    height: int
+
+
+def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) -> DecodedImage:
+    """Decode the first frame of `data`.
+
+    target_size (h, w) lets JPEG decode at a reduced scale (`draft`), which is several times faster for
+    full-size photos and never goes below the size the model needs.
+    """
+    if not data:
+        raise DecodeError("empty object (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, on bombs; we check the header ourselves first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise DecodeError(f"invalid dimensions {width}x{height}")
+            if width * height > max_pixels:
+                raise PixelLimitError(f"image is {width}x{height} = {width * height} pixels, over {max_pixels}")
+            if image.format == "JPEG":
+                # draft keeps a scale >= requested in both axes (EXIF rotation may swap them: ask for the max).
+                side = max(target_size)
+                image.draft("RGB", (side, side))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return DecodedImage(image=_to_rgb(image), width=width, height=height)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise PixelLimitError(f"decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise DecodeError(f"corrupt image: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Product shots with transparency go on white, as a catalogue page shows them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits rather than clip.
+        return image.point(lambda value: value / 256).convert("L").convert("RGB")
+    return image.convert("RGB")

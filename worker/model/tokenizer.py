@@ -1,0 +1,59 @@
+"""Whole-word tokenizer for catalogue titles (a `tokenizers` WordLevel model).
+
+Titles are brand + gender + colour + type: whole words (split on whitespace only, so "T-Shirt" and
+"Men's" stay one token) make a short sequence and decode back to the exact title.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
+
+
+def train_tokenizer(titles: Iterable[str], *, min_frequency: int = 2, vocab_size: int = 20000) -> Tokenizer:
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
+    )
+    tok.train_from_iterator(titles, trainer=trainer)
+    return tok
+
+
+class TitleCodec:
+    """Encodes titles to fixed-length id rows and decodes generated ids back to text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        if any(i is None for i in ids):
+            raise ValueError(f"tokenizer lacks one of the special tokens {SPECIAL_TOKENS}")
+        self.pad, self.bos, self.eos, self.unk = (int(i) for i in ids)
+        self.vocab_size = tokenizer.get_vocab_size()
+        self._special = {self.pad, self.bos, self.eos}
+
+    @classmethod
+    def from_json(cls, text: str) -> TitleCodec:
+        return cls(Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def encode(self, title: str, max_tokens: int) -> list[int]:
+        """Title -> ids ending with EOS, truncated to max_tokens (EOS dropped if it does not fit)."""
+        ids = [*self.tokenizer.encode(title).ids, self.eos]
+        return ids[:max_tokens]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        words: list[str] = []
+        for i in ids:
+            if i == self.eos:
+                break
+            if i in self._special:
+                continue
+            words.append(self.tokenizer.id_to_token(int(i)) or UNK)
+        return " ".join(words)
