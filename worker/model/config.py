@@ -94,7 +94,9 @@ class BundleConfig:
     def from_json_dict(cls, d: dict[str, Any]) -> BundleConfig:
         version = int(d.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:
-            raise ValueError(f"bundle format {version} is newer than this code understands ({FORMAT_VERSION})")
+            raise ValueError(
+                f"bundle format {version} is newer than this code understands ({FORMAT_VERSION})"
+            )
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),

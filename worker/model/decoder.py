@@ -8,6 +8,7 @@ greedy decoding is one small step per token for the whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,13 @@ class DecoderLayer(nn.Module):
         return self._cross_and_mlp(x, mk, mv)
 
     def step(
-        self, x: torch.Tensor, pos: int, cache_k: torch.Tensor, cache_v: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos: int,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        mk: torch.Tensor,
+        mv: torch.Tensor,
     ) -> torch.Tensor:
         """One new token per sequence (x: B x 1 x d); writes its K/V into the cache at `pos`."""
         q, k, v = (self._heads(t) for t in self.qkv(self.ln_self(x)).chunk(3, dim=-1))
@@ -87,9 +94,13 @@ class CaptionDecoder(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.max_tokens, cfg.d_model))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.head_dim = cfg.d_model // cfg.n_heads
         self.ln_f = nn.LayerNorm(cfg.d_model)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb, std=0.02)
+
+    def _layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # Output projection tied to the input embedding: fewer parameters for a vocabulary of whole words.
@@ -104,9 +115,8 @@ class CaptionDecoder(nn.Module):
 
     def start(self, memory: torch.Tensor) -> DecodeState:
         b = memory.size(0)
-        kv = [layer.memory_kv(memory) for layer in self.layers]
-        first = self.layers[0]
-        shape = (len(self.layers), b, first.n_heads, self.cfg.max_tokens, first.head_dim)
+        kv = [layer.memory_kv(memory) for layer in self._layers()]
+        shape = (len(self.layers), b, self.cfg.n_heads, self.cfg.max_tokens, self.head_dim)
         return DecodeState(
             cross_k=[k for k, _ in kv],
             cross_v=[v for _, v in kv],
@@ -118,7 +128,7 @@ class CaptionDecoder(nn.Module):
         """tokens: B (the previous token) -> logits B x V for position `pos`."""
         x = self.tok_emb(tokens).unsqueeze(1) + self.pos_emb[pos]
         x = x.to(state.self_k.dtype)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._layers()):
             x = layer.step(x, pos, state.self_k[i], state.self_v[i], state.cross_k[i], state.cross_v[i])
         return self._logits(x)[:, 0]
 

@@ -7,6 +7,7 @@ projected into the decoder's cross-attention memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import timm
 import torch
@@ -27,10 +28,13 @@ class EnrichNet(nn.Module):
             raise ValueError(f"unknown backbone {config.backbone!r}; known: {', '.join(BACKBONES)}")
         # num_classes=0 + global_pool="" keeps the spatial map; pretrained=False: no hub downloads, ever.
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="")
-        channels = int(self.backbone.num_features)
+        channels = cast(int, self.backbone.num_features)
         d = config.decoder.d_model
         self.heads = nn.ModuleDict(
-            {f: nn.Sequential(nn.Dropout(0.2), nn.Linear(channels, len(labels))) for f, labels in config.labels.items()}
+            {
+                f: nn.Sequential(nn.Dropout(0.2), nn.Linear(channels, len(labels)))
+                for f, labels in config.labels.items()
+            }
         )
         h, w = config.preprocessing.input_size
         # The tf_ variants pad "same", so the stride-32 map is ceil(size / 32) on each side.
@@ -41,8 +45,8 @@ class EnrichNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, H, W) -> spatial feature map (B, C, h, w)."""
-        out: torch.Tensor = self.backbone.forward_features(x)
-        return out
+        forward = cast(Callable[[torch.Tensor], torch.Tensor], self.backbone.forward_features)
+        return forward(x)
 
     def head_logits(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = fmap.mean(dim=(2, 3))
@@ -59,7 +63,9 @@ class EnrichNet(nn.Module):
         return self.head_logits(fmap), self.decoder(tokens, self.memory(fmap))
 
 
-def register(name: str) -> Callable[[Callable[[BundleConfig, int], EnrichNet]], Callable[[BundleConfig, int], EnrichNet]]:
+def register(
+    name: str,
+) -> Callable[[Callable[[BundleConfig, int], EnrichNet]], Callable[[BundleConfig, int], EnrichNet]]:
     def wrap(fn: Callable[[BundleConfig, int], EnrichNet]) -> Callable[[BundleConfig, int], EnrichNet]:
         _REGISTRY[name] = fn
         return fn

@@ -42,7 +42,9 @@ def resize_to_input(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
     if pre.resize != "letterbox":
         raise ValueError(f"unknown resize mode {pre.resize!r}")
     new_w, new_h = _fit(image.size, pre.input_size)
-    resized = image if (new_w, new_h) == image.size else image.resize((new_w, new_h), _RESAMPLE, reducing_gap=2.0)
+    resized = (
+        image if (new_w, new_h) == image.size else image.resize((new_w, new_h), _RESAMPLE, reducing_gap=2.0)
+    )
     if (new_w, new_h) == (out_w, out_h):
         return resized
     canvas = Image.new("RGB", (out_w, out_h), (pre.fill, pre.fill, pre.fill))

@@ -29,10 +29,11 @@ class TitleCodec:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        if any(i is None for i in ids):
+        found = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        ids = [i for i in found if i is not None]
+        if len(ids) != len(SPECIAL_TOKENS):
             raise ValueError(f"tokenizer lacks one of the special tokens {SPECIAL_TOKENS}")
-        self.pad, self.bos, self.eos, self.unk = (int(i) for i in ids)
+        self.pad, self.bos, self.eos, self.unk = ids
         self.vocab_size = tokenizer.get_vocab_size()
         self._special = {self.pad, self.bos, self.eos}
 

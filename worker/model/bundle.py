@@ -1,0 +1,180 @@
+"""Model bundles on disk (`model.safetensors` + `config.json` [+ `tokenizer.json`]) and the serving model."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from schema.results import DERIVED_FIELDS, FIELDS, HEAD_FIELDS, FieldPrediction, ImagePrediction
+from worker.model.config import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, BundleConfig
+from worker.model.network import EnrichNet, create_model
+from worker.model.preprocess import normalize, preprocess_image
+from worker.model.tokenizer import TitleCodec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def derived_matrix(config: BundleConfig, field: str) -> tuple[torch.Tensor, list[str]]:
+    """(n_articleTypes x n_values) 0/1 matrix mapping articleType probabilities onto a derived field."""
+    mapping = config.derived[field]
+    values = sorted(set(mapping.values()))
+    index = {v: i for i, v in enumerate(values)}
+    m = torch.zeros(len(config.labels["articleType"]), len(values))
+    for a, article in enumerate(config.labels["articleType"]):
+        m[a, index[mapping[article]]] = 1.0
+    return m, values
+
+
+@dataclass
+class RawOutput:
+    """Calibrated class probabilities per field (FIELDS, on CPU) and the decoded captions."""
+
+    probs: dict[str, torch.Tensor]
+    labels: dict[str, list[str]]
+    captions: list[str]
+    caption_confidence: torch.Tensor
+
+
+class EnrichModel:
+    """A loaded bundle: preprocess on the CPU, predict a uint8 batch on the device."""
+
+    def __init__(self, net: EnrichNet, config: BundleConfig, codec: TitleCodec, device: torch.device) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self.image_size: tuple[int, int] = config.preprocessing.input_size
+        self.device = device
+        self.codec = codec
+        self._cuda = device.type == "cuda"
+        net.eval()
+        if self._cuda:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net.to(device)
+        self._derived = {f: derived_matrix(config, f) for f in DERIVED_FIELDS}
+        self._temps = {f: float(config.temperatures.get(f, 1.0)) for f in HEAD_FIELDS}
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return preprocess_image(image, self.config.preprocessing)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8 or batch.dim() != 4:
+            raise ValueError(f"expected a uint8 NCHW batch, got {batch.dtype} {tuple(batch.shape)}")
+        if self._cuda:
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def infer(self, batch: torch.Tensor) -> RawOutput:
+        """The full distributions (for evaluation) and captions of a uint8 NCHW batch."""
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._cuda):
+            x = normalize(self._to_device(batch), self.config.preprocessing)
+            fmap = self.net.features(x)
+            logits = self.net.head_logits(fmap)
+            ids, conf = self.net.decoder.greedy(
+                self.net.memory(fmap), bos=self.codec.bos, eos=self.codec.eos, pad=self.codec.pad
+            )
+            probs = {f: torch.softmax(logits[f].float() / self._temps[f], dim=-1).cpu() for f in HEAD_FIELDS}
+        labels = {f: self.config.labels[f] for f in HEAD_FIELDS}
+        for f, (matrix, values) in self._derived.items():
+            probs[f] = probs["articleType"] @ matrix
+            labels[f] = values
+        captions = [self.codec.decode(row) for row in ids.cpu().tolist()]
+        return RawOutput(probs=probs, labels=labels, captions=captions, caption_confidence=conf.float().cpu())
+
+    def predict(self, batch: torch.Tensor) -> list[ImagePrediction]:
+        raw = self.infer(batch)
+        k = self.config.top_k
+        top = {f: raw.probs[f].topk(min(k, raw.probs[f].size(1)), dim=1) for f in FIELDS}
+        article_best = raw.probs["articleType"].argmax(dim=1).tolist()
+        out: list[ImagePrediction] = []
+        for i in range(len(raw.captions)):
+            fields: dict[str, FieldPrediction] = {}
+            for f in FIELDS:
+                vals, idx = top[f]
+                top_k = tuple(
+                    (raw.labels[f][j], float(p))
+                    for j, p in zip(idx[i].tolist(), vals[i].tolist(), strict=True)
+                )
+                if f in DERIVED_FIELDS:
+                    # Consistent with the reported articleType: the value its best class maps to, with the
+                    # summed probability of every articleType mapping to that value as the confidence.
+                    value = self.config.derived[f][self.config.labels["articleType"][article_best[i]]]
+                    conf = float(raw.probs[f][i, raw.labels[f].index(value)])
+                else:
+                    value, conf = top_k[0]
+                threshold = self.config.thresholds.get(f, 0.0)
+                fields[f] = FieldPrediction(
+                    value=value if conf >= threshold else None, confidence=conf, top_k=top_k
+                )
+            out.append(
+                ImagePrediction(
+                    fields=fields,
+                    caption=raw.captions[i],
+                    caption_confidence=float(raw.caption_confidence[i]),
+                )
+            )
+        return out
+
+
+def save_bundle(net: EnrichNet, config: BundleConfig, codec: TitleCodec, path: Path) -> Path:
+    """Write a bundle. The network's weights are first rounded in place to the storage dtype, so the
+    in-memory model and the saved one predict exactly alike."""
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = _DTYPES[config.weights_dtype]
+    state = {}
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            if tensor.is_floating_point():
+                stored = tensor.detach().to("cpu", dtype).contiguous()
+                tensor.copy_(stored.to(tensor.dtype))
+            else:
+                stored = tensor.detach().cpu().contiguous()
+            state[name] = stored
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"name": config.name, "version": config.version})
+    (path / TOKENIZER_NAME).write_text(codec.to_json())
+    replace(config, tokenizer=None).save(path / CONFIG_NAME)
+    return path
+
+
+def build_from_bundle(path: Path) -> tuple[EnrichNet, BundleConfig, TitleCodec]:
+    config = BundleConfig.read(path)
+    codec = TitleCodec.from_json(config.tokenizer_json(path))
+    net = create_model(config, codec.vocab_size)
+    state = load_file(str(path / WEIGHTS_NAME))
+    own = net.state_dict()
+    net.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, strict=True)
+    return net, config, codec
+
+
+_cache: dict[tuple[str, str], EnrichModel] = {}
+_lock = threading.Lock()
+
+
+def load_bundle(path: Path, *, device: str = "cpu") -> EnrichModel:
+    """Load a bundle once per (path, device); later calls return the same model. Thread-safe."""
+    dev = resolve_device(device)
+    key = (str(Path(path).resolve()), str(dev))
+    with _lock:
+        model = _cache.get(key)
+        if model is None:
+            net, config, codec = build_from_bundle(Path(path))
+            model = EnrichModel(net, config, codec, dev)
+            _cache[key] = model
+        return model
+
+
+def clear_cache() -> None:
+    """Forget loaded bundles (tests that rewrite a bundle in place)."""
+    with _lock:
+        _cache.clear()
