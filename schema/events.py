@@ -50,7 +50,9 @@ def parse_event_body(body: bytes | str | Mapping[str, Any]) -> ParsedEvent:
             raise EventParseError(f"Records[{index}] is not an object")
         event_name = str(record.get("eventName", ""))
         if not event_name.startswith(("ObjectCreated:", "s3:ObjectCreated:")):
-            parsed.ignored.append(f"Records[{index}]: event {event_name or '<none>'} is not an object creation")
+            parsed.ignored.append(
+                f"Records[{index}]: event {event_name or '<none>'} is not an object creation"
+            )
             continue
         parsed.refs.append(_ref_from_s3_record(record, index))
     return parsed

@@ -17,6 +17,8 @@ FIELDS: tuple[str, ...] = (
 # Fields with a head of their own; the other two are derived from articleType.
 HEAD_FIELDS: tuple[str, ...] = ("gender", "baseColour", "season", "usage", "articleType")
 DERIVED_FIELDS: tuple[str, ...] = ("masterCategory", "subCategory")
+# Keys a listing (backfill, local folder) treats as images; events are trusted whatever the suffix.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class Status(StrEnum):

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     # Buckets the ingest accepts events for; empty means any.
     allowed_buckets: list[str] = Field(default_factory=list)
     sqs_queue_url: str | None = None
+    sqs_endpoint_url: str | None = None  # None: AWS's own endpoint for the region
 
     # Inference.
     model_bundle: Path = DEFAULT_BUNDLE

@@ -41,9 +41,11 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) 
             if width <= 0 or height <= 0:
                 raise DecodeError(f"invalid dimensions {width}x{height}")
             if width * height > max_pixels:
-                raise PixelLimitError(f"image is {width}x{height} = {width * height} pixels, over {max_pixels}")
+                raise PixelLimitError(
+                    f"image is {width}x{height} = {width * height} pixels, over {max_pixels}"
+                )
             if image.format == "JPEG":
-                # draft keeps a scale >= requested in both axes (EXIF rotation may swap them: ask for the max).
+                # draft keeps both sides >= the request; EXIF rotation may swap axes, so ask for the max.
                 side = max(target_size)
                 image.draft("RGB", (side, side))
             image.load()

@@ -9,12 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from schema.results import ObjectRef
-from schema.settings import Settings
+from schema.results import IMAGE_SUFFIXES, ObjectRef
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,31 +38,6 @@ class FetchedObject:
 
 class ObjectStore(Protocol):
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject: ...
-
-    def list(self, bucket: str, prefix: str) -> Iterator[ObjectRef]: ...
-
-
-def make_s3_client(settings: Settings) -> S3Client:
-    credentials: dict[str, Any] = {}
-    if settings.s3_access_key_id and settings.s3_secret_access_key:
-        credentials = {
-            "aws_access_key_id": settings.s3_access_key_id.get_secret_value(),
-            "aws_secret_access_key": settings.s3_secret_access_key.get_secret_value(),
-        }
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region,
-        config=Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
-            # One pool slot per fetch thread, so fetches never queue for a connection.
-            max_pool_connections=max(10, settings.fetch_threads * 2),
-            s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
-        ),
-        **credentials,
-    )
 
 
 # S3 error codes that will not change on retry: record the failure instead.
@@ -107,17 +79,6 @@ class S3Store:
             raise LimitError(f"object is over the limit of {max_bytes} bytes")
         return FetchedObject(data=data, size=len(data))
 
-    def list(self, bucket: str, prefix: str) -> Iterator[ObjectRef]:
-        paginator = self._client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                yield ObjectRef(
-                    bucket=bucket, key=item["Key"], etag=item.get("ETag", "").strip('"') or None, size=item["Size"]
-                )
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-
 
 class LocalStore:
     """A folder as a bucket: the bucket is the folder's absolute path, the key a relative path in it."""
@@ -151,12 +112,12 @@ class LocalStore:
             raise FetchError(f"cannot read {path}: {error}", transient=False) from None
         return FetchedObject(data=data, size=len(data))
 
-    def list(self, bucket: str, prefix: str) -> Iterator[ObjectRef]:
+    def list(self, prefix: str = "") -> Iterator[ObjectRef]:
         for dirpath, _dirs, files in os.walk(self.root):
             for name in sorted(files):
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
-                if path.suffix.lower() not in IMAGE_SUFFIXES or not key.startswith(prefix):
+                if not key.lower().endswith(IMAGE_SUFFIXES) or not key.startswith(prefix):
                     continue
                 stat = path.stat()
                 yield ObjectRef(bucket=self.bucket, key=key, etag=local_etag(stat), size=stat.st_size)
@@ -165,13 +126,3 @@ class LocalStore:
 def local_etag(stat: os.stat_result) -> str:
     """A cheap version tag for a local file: changes when it is rewritten."""
     return hashlib.sha1(f"{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix')."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"not an s3:// URL: {url}")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {url}")
-    return bucket, prefix

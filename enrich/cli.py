@@ -1,0 +1,318 @@
+"""`enrich`: run, worker, ingest (webhook | sqs | backfill), query, db, train, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from schema.settings import Settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+ingest_app = typer.Typer(help="Turn bucket events into jobs on the Redis queue.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(db_app, name="db")
+console = Console()
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _settings(**overrides: object) -> Settings:
+    settings = Settings()
+    changes = {name: value for name, value in overrides.items() if value is not None}
+    return settings.model_validate({**settings.model_dump(), **changes}) if changes else settings
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- db -------------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply Alembic migrations to ENRICH_DATABASE_URL."""
+    from schema.migrate import current_revision, upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    console.print(f"database at revision {current_revision(settings.database_url)}")
+
+
+# -- run ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix")],
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle folder")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    limit: Annotated[int, typer.Option(help="Rows to print")] = 50,
+) -> None:
+    """Enrich every image under SOURCE in process (no broker) into the configured database, then print."""
+    from schema.migrate import upgrade
+    from worker.local_run import plan, run_local
+
+    settings = _settings(batch_size=batch_size, device=device, model_bundle=bundle)
+    upgrade(settings.database_url)
+    store, refs = plan(settings, source)
+    if not refs:
+        console.print(f"[yellow]no images under {source}[/yellow]")
+        raise typer.Exit(1)
+    counts: dict[str, int] = {}
+    with Progress(
+        TextColumn("[bold]enrich[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("images", total=len(refs))
+
+        def on_done(outcome: object) -> None:
+            status = getattr(outcome, "status", "?")
+            counts[status] = counts.get(status, 0) + 1
+            progress.advance(task)
+
+        run_local(settings, store=store, refs=refs, on_done=on_done)
+    Console(stderr=True).print(
+        f"{len(refs)} images -> {settings.database_url}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    bucket = refs[0].bucket
+    prefix = source.split("/", 3)[3] if source.startswith("s3://") and source.count("/") >= 3 else None
+    _print_rows(settings, output=output, limit=limit, bucket=bucket, key_prefix=prefix)
+
+
+# -- worker ---------------------------------------------------------------------------------------------
+
+
+class Pool(StrEnum):
+    threads = "threads"
+    solo = "solo"
+
+
+@app.command()
+def worker(
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass")] = None,
+    max_wait_ms: Annotated[int | None, typer.Option(help="Longest wait to fill a batch")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Tasks held at once (default 2 x batch)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    pool: Annotated[
+        Pool, typer.Option(help="threads (default) or solo; never prefork: CUDA and fork")
+    ] = Pool.threads,
+    loglevel: str = "info",
+) -> None:
+    """Consume enrichment tasks from the Redis queue in micro-batches and write rows."""
+    from worker.runtime import WorkerRuntime
+    from worker.tasks import make_worker_app
+
+    _logging(loglevel)
+    settings = _settings(
+        batch_size=batch_size, max_wait_ms=max_wait_ms, worker_concurrency=concurrency, device=device
+    )
+    runtime = WorkerRuntime.build(settings)
+    runtime.metrics.serve(settings.metrics_port)
+    celery_app = make_worker_app(settings, runtime)
+    try:
+        celery_app.worker_main(
+            [
+                "worker",
+                f"--pool={pool.value}",
+                f"--concurrency={settings.effective_concurrency if pool is Pool.threads else 1}",
+                f"--queues={settings.queue}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        runtime.close()
+
+
+# -- ingest ---------------------------------------------------------------------------------------------
+
+
+@ingest_app.command("webhook")
+def ingest_webhook(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve POST /events for S3/MinIO event notifications (and /healthz, /metrics)."""
+    import uvicorn
+
+    from ingest.publisher import JobPublisher
+    from ingest.webhook import make_webhook_app
+
+    settings = _settings(webhook_host=host, webhook_port=port)
+    publisher = JobPublisher(settings)
+    uvicorn.run(make_webhook_app(settings, publisher), host=settings.webhook_host, port=settings.webhook_port)
+
+
+@ingest_app.command("sqs")
+def ingest_sqs(
+    queue_url: Annotated[
+        str | None, typer.Option(help="SQS queue URL (default ENRICH_SQS_QUEUE_URL)")
+    ] = None,
+    wait_seconds: Annotated[int, typer.Option(help="Long-poll wait")] = 20,
+    exit_when_idle: Annotated[int | None, typer.Option(help="Stop after N empty polls in a row")] = None,
+) -> None:
+    """Long-poll the SQS queue the bucket notifies and queue each new object."""
+    from ingest.publisher import JobPublisher
+    from ingest.sqs import poll_sqs
+    from schema.s3 import make_sqs_client
+
+    _logging("info")
+    settings = _settings(sqs_queue_url=queue_url)
+    if not settings.sqs_queue_url:
+        raise typer.BadParameter("set --queue-url or ENRICH_SQS_QUEUE_URL")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stats = poll_sqs(
+        client=make_sqs_client(settings),
+        queue_url=settings.sqs_queue_url,
+        publisher=JobPublisher(settings),
+        stop=stop,
+        wait_seconds=wait_seconds,
+        max_empty_polls=exit_when_idle,
+    )
+    console.print(
+        f"{stats.messages} messages, {stats.queued} objects queued, {len(stats.malformed)} malformed"
+    )
+
+
+@ingest_app.command("backfill")
+def ingest_backfill(
+    url: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
+    all_keys: Annotated[bool, typer.Option(help="Queue every key, not only image suffixes")] = False,
+) -> None:
+    """Queue every existing object under a prefix (first load, or re-processing after a model upgrade)."""
+    from ingest.backfill import list_objects
+    from ingest.publisher import JobPublisher
+    from schema.s3 import parse_s3_url
+
+    settings = _settings()
+    bucket, prefix = parse_s3_url(url)
+    report = JobPublisher(settings).publish(list_objects(settings, bucket, prefix, images_only=not all_keys))
+    console.print(f"queued {report.published} objects from {url} on '{settings.queue}'")
+    for reason in report.rejected:
+        console.print(f"[yellow]rejected[/yellow] {reason}")
+
+
+# -- query ----------------------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    if match := _RELATIVE.match(value):
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command()
+def query(
+    where: Annotated[
+        list[str] | None,
+        typer.Option("--where", "-w", help="FIELD=VALUE, e.g. articleType=Tshirts (repeatable)"),
+    ] = None,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Minimum confidence of the --where fields (all fields if none)")
+    ] = None,
+    status: Annotated[str | None, typer.Option(help="ok, failed (any failure), failed_decode, ...")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time or relative: 30m, 2h, 7d")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time or relative")] = None,
+    bucket: Annotated[str | None, typer.Option()] = None,
+    prefix: Annotated[str | None, typer.Option(help="Key prefix")] = None,
+    model_version: Annotated[str | None, typer.Option()] = None,
+    all_versions: Annotated[
+        bool, typer.Option(help="Every (image, model version) row, not only the latest")
+    ] = False,
+    output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
+    limit: int = 100,
+) -> None:
+    """Filter the enriched table and print it as a table, CSV or JSON lines."""
+    equals: dict[str, str] = {}
+    for clause in where or []:
+        name, sep, value = clause.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--where needs FIELD=VALUE, got {clause!r}")
+        equals[name.strip()] = value.strip()
+    _print_rows(
+        _settings(),
+        output=output,
+        limit=limit,
+        equals=equals,
+        min_confidence=min_confidence,
+        status=status,
+        since=_parse_time(since),
+        until=_parse_time(until),
+        bucket=bucket,
+        key_prefix=prefix,
+        model_version=model_version,
+        all_versions=all_versions,
+    )
+
+
+def _print_rows(settings: Settings, *, output: OutputFormat, limit: int, **filters: object) -> None:
+    from enrich.output import to_csv, to_json_lines, to_table
+    from schema.db import make_engine, make_session_factory
+    from schema.repository import EnrichmentQuery, query_enrichments
+
+    try:
+        enrichment_query = EnrichmentQuery(limit=limit, **filters)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise typer.BadParameter(str(error)) from None
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = query_enrichments(session=session, query=enrichment_query)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    finally:
+        engine.dispose()
+    if output is OutputFormat.json:
+        sys.stdout.write(to_json_lines(rows))
+    elif output is OutputFormat.csv:
+        sys.stdout.write(to_csv(rows))
+    else:
+        console.print(to_table(rows, title=f"{len(rows)} rows"))
+
+
+def _register_training() -> None:
+    try:
+        from training.cli import evaluate_command, train_command
+    except ImportError:  # training not importable (partial install): the rest of the CLI still works
+        return
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+
+
+_register_training()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,51 @@
+"""The broker contract shared by ingest (which sends) and worker (which consumes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schema.results import ObjectRef
+from schema.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "task_default_queue": settings.queue,
+        # The Redis list KEDA measures is the queue name; keep every task on it.
+        "task_create_missing_queues": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        # Ack after the row is committed; a killed worker's messages come back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Hold few messages beyond the running ones, so KEDA's LLEN sees the real backlog.
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def ref_to_message(ref: ObjectRef) -> dict[str, Any]:
+    return {
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "version_id": ref.version_id,
+        "etag": ref.etag,
+        "size": ref.size,
+        "sequencer": ref.sequencer,
+    }
+
+
+def ref_from_message(message: dict[str, Any]) -> ObjectRef:
+    return ObjectRef(
+        bucket=str(message["bucket"]),
+        key=str(message["key"]),
+        version_id=message.get("version_id"),
+        etag=message.get("etag"),
+        size=message.get("size"),
+        sequencer=message.get("sequencer"),
+    )

@@ -1,0 +1,38 @@
+"""Prometheus metrics of one worker process, on a registry of its own (no import-time globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.results = Counter(
+            "enrich_results", "Jobs finished, by final status", ["status"], registry=self.registry
+        )
+        self.retries = Counter(
+            "enrich_transient_failures",
+            "Jobs handed back for retry, by stage",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.skipped = Counter(
+            "enrich_skipped_already_enriched",
+            "Jobs whose image already had an ok row for this model version",
+            registry=self.registry,
+        )
+        self.forward_passes = Counter("enrich_forward_passes", "Model forward passes", registry=self.registry)
+        self.batch_size = Histogram(
+            "enrich_batch_size",
+            "Images per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "enrich_stage_seconds", "Wall time of a batch stage", ["stage"], registry=self.registry
+        )
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, registry=self.registry)

@@ -1,0 +1,252 @@
+"""The composition of stages for one micro-batch: skip -> fetch -> decode -> infer -> sink.
+
+Errors are values: every ref ends as an Outcome, and one bad image never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from PIL import Image
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from schema.repository import already_enriched, upsert_enrichments
+from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
+from worker.decode import DecodeError, PixelLimitError, decode_image
+from worker.metrics import WorkerMetrics
+from worker.storage import FetchError, LimitError, ObjectStore
+
+
+class Model(Protocol):
+    """What the pipeline needs of a loaded bundle (worker.model.EnrichModel provides it)."""
+
+    name: str
+    version: str
+    image_size: tuple[int, int]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+
+    def predict(self, batch: torch.Tensor) -> list[ImagePrediction]: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one job ended in this batch."""
+
+    ref: ObjectRef
+    result: EnrichmentResult | None = None  # written to the table
+    skipped: bool = False  # an ok row for this model version already existed
+    retry_reason: str | None = None  # transient: nothing written, the job should be retried
+
+    @property
+    def status(self) -> str:
+        if self.retry_reason is not None:
+            return "retry"
+        if self.skipped:
+            return "skipped"
+        assert self.result is not None
+        return self.result.status.value
+
+
+@dataclass(slots=True)
+class _Prepared:
+    job: Job
+    pixels: torch.Tensor | None = None
+    result: EnrichmentResult | None = None
+    retry_reason: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    ref: ObjectRef
+    # On the last attempt a transient failure is recorded as a failed row instead of retried.
+    final_attempt: bool = False
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        model: Model,
+        store: ObjectStore,
+        session_factory: Callable[[], Session],
+        max_object_bytes: int,
+        max_image_pixels: int,
+        fetch_threads: int,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.session_factory = session_factory
+        self.max_object_bytes = max_object_bytes
+        self.max_image_pixels = max_image_pixels
+        self.metrics = metrics or WorkerMetrics()
+        self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="enrich-fetch")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def process(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """One micro-batch end to end; returns one Outcome per job, in order."""
+        return self.infer_and_sink(self.prepare(jobs))
+
+    # -- stage 1: skip, fetch and decode (CPU, threaded) ------------------------------------------------
+
+    def prepare(self, jobs: Sequence[Job]) -> list[_Prepared]:
+        started = time.perf_counter()
+        done = self._already_enriched([job.ref for job in jobs])
+        todo = [job for job in jobs if job.ref not in done]
+        fetched = iter(list(self._pool.map(self._fetch_and_decode, todo)))
+        # A job whose image is already enriched keeps neither result nor pixels: it ends as skipped.
+        prepared = [_Prepared(job=job) if job.ref in done else next(fetched) for job in jobs]
+        self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
+        return prepared
+
+    def _already_enriched(self, refs: list[ObjectRef]) -> set[ObjectRef]:
+        try:
+            with self.session_factory() as session:
+                return already_enriched(session=session, refs=refs, model_version=self.model.version)
+        except SQLAlchemyError:
+            # Not fatal: the sink's upsert is idempotent on its own; this check only saves GPU time.
+            return set()
+
+    def _fetch_and_decode(self, job: Job) -> _Prepared:
+        item = _Prepared(job=job)
+        ref = job.ref
+        started = time.perf_counter()
+        try:
+            fetched = self.store.get(ref, max_bytes=self.max_object_bytes)
+        except FetchError as error:
+            status = Status.FAILED_LIMIT if isinstance(error, LimitError) else Status.FAILED_FETCH
+            if error.transient and not job.final_attempt:
+                item.retry_reason = f"fetch: {error}"
+            else:
+                reason = str(error) if not error.transient else f"gave up after retries: {error}"
+                item.result = self._failure(ref, status, reason)
+            return item
+        fetched_at = time.perf_counter()
+        item.timings_ms["fetch"] = (fetched_at - started) * 1000
+        sha256 = hashlib.sha256(fetched.data).hexdigest()
+        try:
+            decoded = decode_image(
+                fetched.data, max_pixels=self.max_image_pixels, target_size=self.model.image_size
+            )
+            item.pixels = self.model.preprocess(decoded.image)
+        except DecodeError as error:
+            status = Status.FAILED_LIMIT if isinstance(error, PixelLimitError) else Status.FAILED_DECODE
+            item.result = self._failure(ref, status, str(error), size=fetched.size, sha256=sha256)
+            return item
+        item.timings_ms["decode"] = (time.perf_counter() - fetched_at) * 1000
+        item.result = EnrichmentResult(
+            ref=ref,
+            status=Status.OK,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            content_sha256=sha256,
+            size=fetched.size,
+            width=decoded.width,
+            height=decoded.height,
+        )
+        return item
+
+    def _failure(
+        self,
+        ref: ObjectRef,
+        status: Status,
+        reason: str,
+        *,
+        size: int | None = None,
+        sha256: str | None = None,
+    ) -> EnrichmentResult:
+        return EnrichmentResult(
+            ref=ref,
+            status=status,
+            error=reason,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            size=size,
+            content_sha256=sha256,
+        )
+
+    # -- stage 2: one forward pass, then one database round trip -----------------------------------------
+
+    def infer_and_sink(self, prepared: list[_Prepared]) -> list[Outcome]:
+        ready = [item for item in prepared if item.pixels is not None]
+        if ready:
+            self._infer(ready)
+        results = [item.result for item in prepared if item.result is not None and item.retry_reason is None]
+        outcomes = [self._outcome(item) for item in prepared]
+        if results:
+            started = time.perf_counter()
+            try:
+                with self.session_factory() as session, session.begin():
+                    upsert_enrichments(session=session, results=results)
+            except SQLAlchemyError as error:
+                # Nothing was committed: hand every job of the batch back for retry.
+                reason = f"database: {type(error).__name__}: {str(error).splitlines()[0]}"
+                self.metrics.retries.labels("sink").inc(len(results))
+                return [
+                    Outcome(ref=o.ref, retry_reason=reason) if o.result is not None else o for o in outcomes
+                ]
+            self.metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
+        for outcome in outcomes:
+            if outcome.result is not None:
+                self.metrics.results.labels(outcome.result.status.value).inc()
+            elif outcome.skipped:
+                self.metrics.skipped.inc()
+            else:
+                self.metrics.retries.labels("fetch").inc()
+        return outcomes
+
+    def _outcome(self, item: _Prepared) -> Outcome:
+        if item.retry_reason is not None:
+            return Outcome(ref=item.job.ref, retry_reason=item.retry_reason)
+        if item.result is None:
+            return Outcome(ref=item.job.ref, skipped=True)
+        return Outcome(ref=item.job.ref, result=item.result)
+
+    def _infer(self, ready: list[_Prepared]) -> None:
+        started = time.perf_counter()
+        batch = torch.stack([item.pixels for item in ready if item.pixels is not None])
+        try:
+            predictions = self.model.predict(batch)
+            self._count_pass(len(ready))
+        except Exception as error:  # noqa: BLE001 - any model failure becomes per-image data
+            predictions = self._infer_one_by_one(ready, error)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        for item, prediction in zip(ready, predictions, strict=True):
+            assert item.result is not None
+            item.pixels = None  # free the tensor before the sink
+            if isinstance(prediction, ImagePrediction):
+                item.result.prediction = prediction
+            else:
+                item.result.status = Status.FAILED_INFER
+                item.result.error = prediction
+            item.result.timings_ms = {**item.timings_ms, "infer_batch": elapsed_ms, "batch_size": len(ready)}
+        self.metrics.stage_seconds.labels("infer").observe(elapsed_ms / 1000)
+
+    def _infer_one_by_one(
+        self, ready: list[_Prepared], batch_error: Exception
+    ) -> list[ImagePrediction | str]:
+        """A failed batch is retried image by image, so one poison input fails alone."""
+        outcomes: list[ImagePrediction | str] = []
+        for item in ready:
+            assert item.pixels is not None
+            try:
+                outcomes.append(self.model.predict(item.pixels.unsqueeze(0))[0])
+                self._count_pass(1)
+            except Exception as error:  # noqa: BLE001
+                outcomes.append(f"inference failed: {type(error).__name__}: {error} (batch: {batch_error})")
+        return outcomes
+
+    def _count_pass(self, size: int) -> None:
+        self.metrics.forward_passes.inc()
+        self.metrics.batch_size.observe(size)

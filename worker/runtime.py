@@ -1,0 +1,59 @@
+"""Wires one worker process: model, store, database, pipeline and batcher (the composition root)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schema.db import make_engine, make_session_factory
+from schema.settings import Settings
+from worker.batcher import MicroBatcher
+from worker.device import resolve_device
+from worker.metrics import WorkerMetrics
+from worker.pipeline import Model, Pipeline
+from worker.storage import ObjectStore, S3Store, make_s3_client
+
+
+def load_model(settings: Settings) -> Model:
+    from worker.model import load_bundle  # torch-heavy; imported only where a model is needed
+
+    return load_bundle(settings.model_bundle, device=resolve_device(settings.device))
+
+
+def build_pipeline(
+    settings: Settings, *, model: Model, store: ObjectStore, metrics: WorkerMetrics | None = None
+) -> Pipeline:
+    engine = make_engine(settings.database_url)
+    return Pipeline(
+        model=model,
+        store=store,
+        session_factory=make_session_factory(engine),
+        max_object_bytes=settings.max_object_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        fetch_threads=settings.fetch_threads,
+        metrics=metrics,
+    )
+
+
+@dataclass
+class WorkerRuntime:
+    pipeline: Pipeline
+    batcher: MicroBatcher
+    metrics: WorkerMetrics
+
+    @classmethod
+    def build(cls, settings: Settings, *, model: Model | None = None) -> WorkerRuntime:
+        metrics = WorkerMetrics()
+        pipeline = build_pipeline(
+            settings,
+            model=model or load_model(settings),
+            store=S3Store(make_s3_client(settings)),
+            metrics=metrics,
+        )
+        batcher = MicroBatcher(
+            pipeline, batch_size=settings.batch_size, max_wait_s=settings.max_wait_ms / 1000
+        )
+        return cls(pipeline=pipeline, batcher=batcher, metrics=metrics)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.pipeline.close()
