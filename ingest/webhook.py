@@ -13,6 +13,7 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -53,7 +54,8 @@ def make_webhook_app(settings: Settings, publisher: JobPublisher) -> Starlette:
             requests_total.labels("malformed").inc()
             return _error(400, str(error))
         try:
-            report = publisher.publish(parsed.refs)
+            # Publishing blocks on Redis: keep it off the event loop.
+            report = await run_in_threadpool(publisher.publish, parsed.refs)
         except Exception as error:
             log.exception("publishing failed")
             requests_total.labels("broker_unavailable").inc()

@@ -1,0 +1,156 @@
+"""The pipeline and micro-batcher in process, on real files, the real Postgres and a real (random) model."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from schema.results import ObjectRef
+from schema.settings import Settings
+from schema.tables import Enrichment
+from tests.conftest import sample_jpegs
+from worker.batcher import MicroBatcher
+from worker.device import ForkedCudaError, resolve_device
+from worker.local_run import plan, run_local
+from worker.pipeline import Job, Pipeline
+from worker.runtime import build_pipeline, load_model
+from worker.storage import LocalStore
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "drop"
+    (root / "sub dir").mkdir(parents=True)
+    for i, data in enumerate(sample_jpegs(6)):
+        (root / f"img {i}.jpg").write_bytes(data)
+    (root / "sub dir" / "café + tie.jpg").write_bytes(sample_jpegs(1)[0])
+    (root / "truncated.jpg").write_bytes(sample_jpegs(1)[0][:300])
+    (root / "not-an-image.png").write_bytes(b"MZ\x90\x00 this is an executable, not a PNG")
+    (root / "empty.jpg").write_bytes(b"")
+    rgba = io.BytesIO()
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(rgba, format="PNG")
+    (root / "alpha.png").write_bytes(rgba.getvalue())
+    (root / "notes.txt").write_text("not listed: no image suffix")
+    return root
+
+
+def rows_by_key(engine: Engine) -> dict[str, Enrichment]:
+    with Session(engine) as session:
+        return {row.key: row for row in session.scalars(select(Enrichment))}
+
+
+def test_local_folder_run_records_every_image_once_with_a_status(
+    settings: Settings, pg_engine: Engine, folder: Path
+) -> None:
+    store, refs = plan(settings, str(folder))
+    assert len(refs) == 11  # notes.txt is not an image
+    outcomes = run_local(settings, store=store, refs=refs)
+    assert len(outcomes) == len(refs)
+    rows = rows_by_key(pg_engine)
+    assert set(rows) == {ref.key for ref in refs}
+    assert rows["truncated.jpg"].status == "failed_decode"
+    assert rows["not-an-image.png"].status == "failed_decode"
+    assert "not a recognised image" in (rows["not-an-image.png"].error or "")
+    assert rows["empty.jpg"].status == "failed_decode" and "0 bytes" in (rows["empty.jpg"].error or "")
+    ok = {key for key, row in rows.items() if row.status == "ok"}
+    assert ok == {f"img {i}.jpg" for i in range(6)} | {"sub dir/café + tie.jpg", "alpha.png"}
+    row = rows["sub dir/café + tie.jpg"]
+    assert row.caption is not None and row.article_type_confidence is not None
+    assert (row.width, row.height) == (60, 80) and len(row.content_sha256 or "") == 64
+    assert row.model_version == "0.0.1" and row.master_category is not None
+
+    # A second run over the same folder enriches nothing twice.
+    again = run_local(settings, store=store, refs=refs)
+    assert {o.status for o in again if o.ref.key in ok} == {"skipped"}
+    assert len(rows_by_key(pg_engine)) == len(refs)
+
+
+def test_local_store_refuses_keys_outside_its_root(settings: Settings, pg_engine: Engine, folder: Path) -> None:
+    store = LocalStore(folder)
+    hostile = [ObjectRef(store.bucket, k) for k in ("../../../../etc/passwd", "/etc/passwd", "sub dir/../../x.jpg")]
+    outcomes = run_local(settings, store=store, refs=hostile)
+    assert [o.status for o in outcomes] == ["failed_fetch"] * 3
+    assert all("outside" in (o.result.error or "") for o in outcomes if o.result)
+
+
+def test_n_images_take_ceil_n_over_batch_forward_passes_and_resolve_after_commit(
+    settings: Settings, pg_engine: Engine, folder: Path
+) -> None:
+    store, refs = plan(settings, str(folder))
+    good = [r for r in refs if r.key.startswith("img")]  # 6 images
+    pipeline = build_pipeline(settings, model=load_model(settings), store=store)
+    batcher = MicroBatcher(pipeline, batch_size=4, max_wait_s=5.0)
+    committed_when_resolved: list[bool] = []
+    lock = threading.Lock()
+
+    def check(key: str) -> None:
+        with Session(pg_engine) as session:
+            found = session.scalar(select(Enrichment.status).where(Enrichment.key == key))
+        with lock:
+            committed_when_resolved.append(found == "ok")
+
+    try:
+        futures = [batcher.submit(Job(ref=ref)) for ref in good]
+        for ref, future in zip(good, futures, strict=True):
+            future.add_done_callback(lambda _f, key=ref.key: check(key))
+        assert [f.result(timeout=60).status for f in futures] == ["ok"] * 6
+    finally:
+        batcher.close()
+        pipeline.close()
+    assert pipeline.metrics.forward_passes._value.get() == math.ceil(6 / 4)
+    assert committed_when_resolved == [True] * 6
+
+
+class ExplodingModel:
+    """Wraps a real model; fails any batch that contains a marked image, as a poison input would."""
+
+    def __init__(self, model: Pipeline) -> None:
+        self._model = model
+        self.name, self.version, self.image_size = model.name, model.version, model.image_size  # type: ignore[attr-defined]
+
+    def preprocess(self, image: Image.Image):  # type: ignore[no-untyped-def]
+        tensor = self._model.preprocess(image)  # type: ignore[attr-defined]
+        if image.size == (40, 30):
+            tensor[:, 0, 0] = 7  # mark
+        return tensor
+
+    def predict(self, batch):  # type: ignore[no-untyped-def]
+        if bool((batch[:, :, 0, 0] == 7).all(dim=1).any()):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self._model.predict(batch)  # type: ignore[attr-defined]
+
+
+def test_a_poison_image_fails_alone_its_batch_mates_succeed(
+    settings: Settings, pg_engine: Engine, folder: Path
+) -> None:
+    store, refs = plan(settings, str(folder))
+    model = ExplodingModel(load_model(settings))  # type: ignore[arg-type]
+    run_local(settings, store=store, refs=refs, model=model)  # type: ignore[arg-type]
+    rows = rows_by_key(pg_engine)
+    assert rows["alpha.png"].status == "failed_infer"
+    assert "illegal memory access" in (rows["alpha.png"].error or "")
+    assert all(rows[f"img {i}.jpg"].status == "ok" for i in range(6))
+
+
+def test_cuda_is_refused_in_a_forked_child() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            resolve_device("cuda")
+            message = b"allowed"
+        except ForkedCudaError:
+            message = b"refused"
+        os.write(write, message)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"refused"
+    assert resolve_device("cpu") == "cpu"
