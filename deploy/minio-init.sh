@@ -6,13 +6,13 @@
 set -eu
 
 : "${MINIO_URL:=http://minio:9000}"
-: "${ENRICH_BUCKET:=uploads}"
+: "${MINIO_BUCKET:=uploads}"
 : "${WEBHOOK_ENDPOINT:=http://ingest:8080/events}"
 TARGET_ID=enrich
 ARN="arn:minio:sqs::${TARGET_ID}:webhook"
 
 mc alias set local "$MINIO_URL" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD"
-mc mb --ignore-existing "local/${ENRICH_BUCKET}"
+mc mb --ignore-existing "local/${MINIO_BUCKET}"
 
 # queue_dir keeps undelivered events on disk (a volume of the minio service) while ingest is down.
 mc admin config set local "notify_webhook:${TARGET_ID}" \
@@ -29,10 +29,10 @@ until mc ready local >/dev/null 2>&1; do
   sleep 1
 done
 
-if mc event ls "local/${ENRICH_BUCKET}" "$ARN" 2>/dev/null | grep -q "$ARN"; then
+if mc event ls "local/${MINIO_BUCKET}" "$ARN" 2>/dev/null | grep -q "$ARN"; then
   echo "event rule already present"
 else
-  mc event add "local/${ENRICH_BUCKET}" "$ARN" --event put
+  mc event add "local/${MINIO_BUCKET}" "$ARN" --event put
 fi
-mc event ls "local/${ENRICH_BUCKET}"
-echo "bucket ${ENRICH_BUCKET} -> ${WEBHOOK_ENDPOINT}: ready"
+mc event ls "local/${MINIO_BUCKET}"
+echo "bucket ${MINIO_BUCKET} -> ${WEBHOOK_ENDPOINT}: ready"
