@@ -23,7 +23,8 @@ ingest_app = typer.Typer(help="Turn bucket events into jobs on the Redis queue."
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(db_app, name="db")
-console = Console()
+# Piped output (CI logs, `| less`) gets a wide table instead of 80 folded columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 class OutputFormat(StrEnum):

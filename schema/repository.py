@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -111,7 +111,7 @@ def already_enriched(*, session: Session, refs: Iterable[ObjectRef], model_versi
 class EnrichmentQuery:
     """Filters of `enrich query`; every value reaches SQL as a bound parameter."""
 
-    equals: dict[str, str]  # field name (camelCase as in FIELDS) -> value
+    equals: dict[str, str] = field(default_factory=dict)  # field name (as in FIELDS) -> value
     min_confidence: float | None = None
     status: str | None = None  # a Status value, or "failed" for every failure
     since: datetime | None = None
@@ -123,7 +123,7 @@ class EnrichmentQuery:
     limit: int = 100
 
 
-def build_query(query: EnrichmentQuery) -> Select[tuple[Enrichment]]:
+def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
     conditions = []
     if not query.all_versions:
         # The latest row per image, the same rule as the enrichments_latest view.

@@ -104,7 +104,9 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(postgres_url: str, pg_engine: Engine, queue_name: str, moto_server: str, random_bundle: Path) -> Settings:
+def settings(
+    postgres_url: str, pg_engine: Engine, queue_name: str, moto_server: str, random_bundle: Path
+) -> Settings:
     return Settings(
         database_url=postgres_url,
         broker_url=REDIS_URL,
@@ -147,7 +149,9 @@ class WorkerProcess:
     def metric(self, name: str) -> float:
         import urllib.request
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        )
         total = 0.0
         for line in body.splitlines():
             if line.startswith(name) and not line.startswith("#"):

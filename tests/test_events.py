@@ -20,7 +20,9 @@ def s3_record(key: str, *, bucket: str = "shop", event: str = "ObjectCreated:Put
 
 def test_aws_record_with_encoded_key_resolves_spaces_plus_and_unicode() -> None:
     # S3 encodes ' ' as '+', a literal '+' as %2B, and UTF-8 bytes as %XX.
-    body = {"Records": [s3_record("new+arrivals/caf%C3%A9+shirt+%2B+tie.jpg", versionId="v1", sequencer="0A")]}
+    body = {
+        "Records": [s3_record("new+arrivals/caf%C3%A9+shirt+%2B+tie.jpg", versionId="v1", sequencer="0A")]
+    }
     (ref,) = parse_event_body(json.dumps(body)).refs
     assert ref.bucket == "shop"
     assert ref.key == "new arrivals/café shirt + tie.jpg"
@@ -52,7 +54,9 @@ def test_sns_envelope_and_eventbridge() -> None:
 def test_test_events_and_deletions_are_ignored_with_a_reason() -> None:
     parsed = parse_event_body({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "shop"})
     assert parsed.refs == [] and "test event" in parsed.ignored[0]
-    parsed = parse_event_body({"Records": [s3_record("gone.jpg", event="ObjectRemoved:Delete"), s3_record("k.jpg")]})
+    parsed = parse_event_body(
+        {"Records": [s3_record("gone.jpg", event="ObjectRemoved:Delete"), s3_record("k.jpg")]}
+    )
     assert [r.key for r in parsed.refs] == ["k.jpg"]
     assert "ObjectRemoved:Delete" in parsed.ignored[0]
 
@@ -66,8 +70,10 @@ def test_test_events_and_deletions_are_ignored_with_a_reason() -> None:
         ("{}", "no 'Records'"),
         ('{"Records": [42]}', "not an object"),
         ('{"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]}', "lacks s3.bucket.name"),
-        ('{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": ""}, "object": {"key": "k"}}}]}',
-         "empty"),
+        (
+            '{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": ""}, "object": {"key": "k"}}}]}',
+            "empty",
+        ),
     ],
 )
 def test_malformed_bodies_raise_a_clear_error(body: bytes | str, message: str) -> None:

@@ -73,9 +73,13 @@ def test_local_folder_run_records_every_image_once_with_a_status(
     assert len(rows_by_key(pg_engine)) == len(refs)
 
 
-def test_local_store_refuses_keys_outside_its_root(settings: Settings, pg_engine: Engine, folder: Path) -> None:
+def test_local_store_refuses_keys_outside_its_root(
+    settings: Settings, pg_engine: Engine, folder: Path
+) -> None:
     store = LocalStore(folder)
-    hostile = [ObjectRef(store.bucket, k) for k in ("../../../../etc/passwd", "/etc/passwd", "sub dir/../../x.jpg")]
+    hostile = [
+        ObjectRef(store.bucket, k) for k in ("../../../../etc/passwd", "/etc/passwd", "sub dir/../../x.jpg")
+    ]
     outcomes = run_local(settings, store=store, refs=hostile)
     assert [o.status for o in outcomes] == ["failed_fetch"] * 3
     assert all("outside" in (o.result.error or "") for o in outcomes if o.result)

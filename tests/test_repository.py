@@ -28,7 +28,9 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     sqlite_engine.dispose()
 
 
-def ok_result(ref: ObjectRef, *, version: str = "1.0.0", article: str = "Tshirts", conf: float = 0.9) -> EnrichmentResult:
+def ok_result(
+    ref: ObjectRef, *, version: str = "1.0.0", article: str = "Tshirts", conf: float = 0.9
+) -> EnrichmentResult:
     fields = {
         name: FieldPrediction(value=value, confidence=conf, top_k=((value, conf),))
         for name, value in {
@@ -46,7 +48,9 @@ def ok_result(ref: ObjectRef, *, version: str = "1.0.0", article: str = "Tshirts
         status=Status.OK,
         model_name="enrich",
         model_version=version,
-        prediction=ImagePrediction(fields=fields, caption="Nike Men Navy Blue Tshirt", caption_confidence=0.5),
+        prediction=ImagePrediction(
+            fields=fields, caption="Nike Men Navy Blue Tshirt", caption_confidence=0.5
+        ),
         content_sha256="0" * 64,
         size=10,
     )
@@ -54,7 +58,11 @@ def ok_result(ref: ObjectRef, *, version: str = "1.0.0", article: str = "Tshirts
 
 def failed_result(ref: ObjectRef, *, version: str = "1.0.0") -> EnrichmentResult:
     return EnrichmentResult(
-        ref=ref, status=Status.FAILED_DECODE, model_name="enrich", model_version=version, error="corrupt image"
+        ref=ref,
+        status=Status.FAILED_DECODE,
+        model_name="enrich",
+        model_version=version,
+        error="corrupt image",
     )
 
 

@@ -49,8 +49,8 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) 
                 side = max(target_size)
                 image.draft("RGB", (side, side))
             image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return DecodedImage(image=_to_rgb(image), width=width, height=height)
+            oriented: Image.Image = ImageOps.exif_transpose(image) or image
+            return DecodedImage(image=_to_rgb(oriented), width=width, height=height)
     except DecodeError:
         raise
     except Image.DecompressionBombError as error:

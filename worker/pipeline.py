@@ -216,8 +216,9 @@ class Pipeline:
     def _infer(self, ready: list[_Prepared]) -> None:
         started = time.perf_counter()
         batch = torch.stack([item.pixels for item in ready if item.pixels is not None])
+        predictions: list[ImagePrediction | str]
         try:
-            predictions = self.model.predict(batch)
+            predictions = list(self.model.predict(batch))
             self._count_pass(len(ready))
         except Exception as error:  # noqa: BLE001 - any model failure becomes per-image data
             predictions = self._infer_one_by_one(ready, error)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schema.db import make_engine, make_session_factory
+from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
 from worker.device import resolve_device
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Model, Pipeline
-from worker.storage import ObjectStore, S3Store, make_s3_client
+from worker.storage import ObjectStore, S3Store
 
 
 def load_model(settings: Settings) -> Model:
