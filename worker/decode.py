@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,24 +32,21 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) 
     if not data:
         raise DecodeError("empty object (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns, then raises, on bombs; we check the header ourselves first.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise DecodeError(f"invalid dimensions {width}x{height}")
-            if width * height > max_pixels:
-                raise PixelLimitError(
-                    f"image is {width}x{height} = {width * height} pixels, over {max_pixels}"
-                )
-            if image.format == "JPEG":
-                # draft keeps both sides >= the request; EXIF rotation may swap axes, so ask for the max.
-                side = max(target_size)
-                image.draft("RGB", (side, side))
-            image.load()
-            oriented: Image.Image = ImageOps.exif_transpose(image) or image
-            return DecodedImage(image=_to_rgb(oriented), width=width, height=height)
+        # Our own header check runs before Pillow's bomb check (which only warns below 2x its limit).
+        # No warnings.catch_warnings here: it mutates process-wide state and is not thread-safe.
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise DecodeError(f"invalid dimensions {width}x{height}")
+        if width * height > max_pixels:
+            raise PixelLimitError(f"image is {width}x{height} = {width * height} pixels, over {max_pixels}")
+        if image.format == "JPEG":
+            # draft keeps both sides >= the request; EXIF rotation may swap axes, so ask for the max.
+            side = max(target_size)
+            image.draft("RGB", (side, side))
+        image.load()
+        oriented: Image.Image = ImageOps.exif_transpose(image) or image
+        return DecodedImage(image=_to_rgb(oriented), width=width, height=height)
     except DecodeError:
         raise
     except Image.DecompressionBombError as error:

@@ -144,6 +144,10 @@ class Pipeline:
             status = Status.FAILED_LIMIT if isinstance(error, PixelLimitError) else Status.FAILED_DECODE
             item.result = self._failure(ref, status, str(error), size=fetched.size, sha256=sha256)
             return item
+        except Exception as error:  # noqa: BLE001 - a decoder bug on one image must not fail its batch
+            reason = f"unexpected decode error: {type(error).__name__}: {error}"
+            item.result = self._failure(ref, Status.FAILED_DECODE, reason, size=fetched.size, sha256=sha256)
+            return item
         item.timings_ms["decode"] = (time.perf_counter() - fetched_at) * 1000
         item.result = EnrichmentResult(
             ref=ref,
