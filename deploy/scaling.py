@@ -211,12 +211,13 @@ def simulate(
             active = is_active(llen, spec)
             if active:
                 last_active = t
-            if replicas == 0 and active:
-                replicas = max(1, spec.min_replicas)
-            elif replicas > 0 and not active and spec.min_replicas == 0:
-                if t - last_active >= spec.cooldown_s:
-                    replicas = 0  # KEDA's deactivation: the only step cooldownPeriod governs
-            elif replicas > 0:
+            if replicas == 0:
+                if active:  # KEDA's activation: 0 -> 1, then the HPA takes over
+                    replicas = max(1, spec.min_replicas)
+            elif not active and spec.min_replicas == 0 and t - last_active >= spec.cooldown_s:
+                replicas = 0  # KEDA's deactivation: the only step cooldownPeriod governs
+            else:
+                # The HPA, also while the scaler is inactive (LLEN 0 asks for its floor of 1 replica).
                 wanted = math.ceil(llen / spec.list_length)
                 recommendation = max(max(1, spec.min_replicas), min(spec.max_replicas, wanted))
                 if abs(llen / (spec.list_length * replicas) - 1.0) <= HPA_TOLERANCE:
@@ -298,19 +299,23 @@ def plot(results: dict[str, SimResult], spec: ScalerSpec, out: Path, *, title: s
 
 
 def summary(r: SimResult, throughput: float, gpu_hour_usd: float) -> dict[str, float]:
-    busy_gpu_s = r.images / throughput
-    drained = np.nonzero(r.queue > 0)[0]
+    """Headline numbers of a run; latencies only over the images that were finished within it."""
+    processed = float(r.images - r.queue[-1])
+    finished = ~np.isnan(r.latency)
+    latencies = np.repeat(r.latency[finished], r.arrivals[finished])
+    backlog = np.nonzero(r.queue > 0)[0]
     return {
         "images": float(r.images),
+        "unfinished": float(r.queue[-1]),
         "peak_queue": float(r.queue.max()),
         "peak_replicas": float(r.replicas.max()),
-        "max_latency_s": float(np.nanmax(r.latency)),
-        "p50_latency_s": float(np.nanpercentile(np.repeat(np.nan_to_num(r.latency), r.arrivals), 50)),
-        "p95_latency_s": float(np.nanpercentile(np.repeat(np.nan_to_num(r.latency), r.arrivals), 95)),
-        "last_backlog_s": float(drained[-1]) if drained.size else 0.0,
+        "p50_latency_s": float(np.percentile(latencies, 50)) if latencies.size else math.nan,
+        "p95_latency_s": float(np.percentile(latencies, 95)) if latencies.size else math.nan,
+        "max_latency_s": float(latencies.max()) if latencies.size else math.nan,
+        "last_backlog_s": float(backlog[-1]) if backlog.size else 0.0,
         "gpu_hours": r.gpu_seconds / 3600.0,
-        "utilisation": busy_gpu_s / r.gpu_seconds if r.gpu_seconds else 0.0,
-        "usd_per_million": r.gpu_seconds / 3600.0 * gpu_hour_usd / r.images * 1e6 if r.images else 0.0,
+        "utilisation": processed / throughput / r.gpu_seconds if r.gpu_seconds else 0.0,
+        "usd_per_million": r.gpu_seconds / 3600.0 * gpu_hour_usd / processed * 1e6 if processed else math.nan,
     }
 
 
