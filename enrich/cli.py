@@ -220,6 +220,39 @@ def ingest_backfill(
         console.print(f"[yellow]rejected[/yellow] {reason}")
 
 
+@app.command()
+def retry(
+    status: Annotated[
+        str, typer.Option(help="Which failures: failed (all), failed_fetch, failed_infer, ...")
+    ] = "failed",
+    bucket: Annotated[str | None, typer.Option()] = None,
+    prefix: Annotated[str | None, typer.Option(help="Key prefix")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many jobs")] = 100_000,
+) -> None:
+    """Queue the dead-lettered jobs again (the latest row of each image is a failure). Each new outcome
+    replaces its failed row; `attempts` counts the tries."""
+    from ingest.publisher import JobPublisher
+    from schema.db import make_engine, make_session_factory
+    from schema.repository import EnrichmentQuery, query_enrichments
+    from schema.results import ObjectRef
+
+    if status != "failed" and not status.startswith("failed_"):
+        raise typer.BadParameter("only failures can be retried: failed or failed_*")
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            found = query_enrichments(
+                session=session,
+                query=EnrichmentQuery(status=status, bucket=bucket, key_prefix=prefix, limit=limit),
+            )
+    finally:
+        engine.dispose()
+    refs = [ObjectRef(r.bucket, r.key, version_id=r.version_id, etag=r.etag, size=r.size) for r in found]
+    report = JobPublisher(settings).publish(refs)
+    console.print(f"queued {report.published} failed jobs on '{settings.queue}'")
+
+
 # -- query ----------------------------------------------------------------------------------------------
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, or_, select, tuple_
+from sqlalchemy import ColumnElement, Select, column, select, table, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from schema.results import FIELDS, EnrichmentResult, ObjectRef, Status
-from schema.tables import FIELD_COLUMNS, Enrichment
+from schema.tables import FIELD_COLUMNS, LATEST_VIEW, Enrichment
+
+_latest_view = table(LATEST_VIEW, column("id"))
 
 
 def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
@@ -24,6 +26,8 @@ def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
         "version_id": ref.version_id,
         "etag": ref.etag.strip('"') if ref.etag else None,
         "size": result.size if result.size is not None else ref.size,
+        "sequencer": ref.sort_sequencer,
+        "object_last_modified": result.last_modified,
         "content_sha256": result.content_sha256,
         "width": result.width,
         "height": result.height,
@@ -36,9 +40,9 @@ def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
         "caption_confidence": None,
         "top_k": None,
     }
-    for column in FIELD_COLUMNS.values():
-        row[column] = None
-        row[f"{column}_confidence"] = None
+    for name in FIELD_COLUMNS.values():
+        row[name] = None
+        row[f"{name}_confidence"] = None
     prediction = result.prediction
     if prediction is not None:
         row["caption"] = prediction.caption
@@ -124,20 +128,9 @@ class EnrichmentQuery:
 
 
 def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
-    conditions = []
+    conditions: list[ColumnElement[bool]] = []
     if not query.all_versions:
-        # The latest row per image, the same rule as the enrichments_latest view.
-        newer = aliased(Enrichment)
-        conditions.append(
-            ~exists().where(
-                newer.bucket == Enrichment.bucket,
-                newer.key == Enrichment.key,
-                or_(
-                    newer.updated_at > Enrichment.updated_at,
-                    and_(newer.updated_at == Enrichment.updated_at, newer.id > Enrichment.id),
-                ),
-            )
-        )
+        conditions.append(Enrichment.id.in_(select(_latest_view.c.id)))
     for field_name, value in query.equals.items():
         if field_name not in FIELDS:
             raise ValueError(f"unknown field {field_name!r}; choose from {', '.join(FIELDS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
 FIELDS: tuple[str, ...] = (
@@ -41,6 +42,11 @@ class ObjectRef:
     sequencer: str | None = None
 
     @property
+    def sort_sequencer(self) -> str | None:
+        """S3 sequencers of one key compare as hex strings once left-padded to one length."""
+        return self.sequencer.upper().rjust(32, "0") if self.sequencer else None
+
+    @property
     def object_version(self) -> str:
         """The identity of these bytes: S3 version id, else ETag, else empty (unversioned, unknown)."""
         return self.version_id or (self.etag or "").strip('"')
@@ -72,6 +78,7 @@ class EnrichmentResult:
     prediction: ImagePrediction | None = None
     content_sha256: str | None = None
     size: int | None = None
+    last_modified: datetime | None = None  # of the fetched object version
     width: int | None = None
     height: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)

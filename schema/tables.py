@@ -35,7 +35,8 @@ FIELD_COLUMNS: dict[str, str] = {
 assert tuple(FIELD_COLUMNS) == FIELDS
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
-# The latest row per (bucket, key); created by migration 0001 with a window function.
+# The latest row per (bucket, key): the newest object version (sequencer, else LastModified), then the
+# newest write. A view made by the migrations, so SQL users and `enrich query` share one definition.
 LATEST_VIEW = "enrichments_latest"
 
 
@@ -69,6 +70,9 @@ class Enrichment(Base):
     version_id: Mapped[str | None] = mapped_column(String(1024))
     etag: Mapped[str | None] = mapped_column(String(255))
     size: Mapped[int | None] = mapped_column(BigInteger)
+    # Orders versions of one key: the event's sequencer (padded), else the object's LastModified.
+    sequencer: Mapped[str | None] = mapped_column(String(64))
+    object_last_modified: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     content_sha256: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)

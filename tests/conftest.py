@@ -147,11 +147,16 @@ class WorkerProcess:
         )
 
     def metric(self, name: str) -> float:
+        """Sum of a Prometheus sample of this worker; NaN (false in any comparison) until it serves."""
         import urllib.request
 
-        body = (
-            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        )
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+            ) as response:
+                body = response.read().decode()
+        except OSError:
+            return float("nan")
         total = 0.0
         for line in body.splitlines():
             if line.startswith(name) and not line.startswith("#"):

@@ -89,4 +89,4 @@ def test_run_a_folder_into_sqlite_then_query_json_csv_and_filters(
 def test_db_upgrade_on_the_real_postgres_is_idempotent(settings: Settings) -> None:
     first = enrich(settings, "db", "upgrade")
     second = enrich(settings, "db", "upgrade")
-    assert "revision 0001" in first.stdout and "revision 0001" in second.stdout
+    assert "revision 0002" in first.stdout and "revision 0002" in second.stdout

@@ -156,6 +156,7 @@ class Pipeline:
             model_version=self.model.version,
             content_sha256=sha256,
             size=fetched.size,
+            last_modified=fetched.last_modified,
             width=decoded.width,
             height=decoded.height,
         )

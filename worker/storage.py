@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +35,7 @@ class LimitError(FetchError):
 class FetchedObject:
     data: bytes
     size: int
+    last_modified: datetime | None = None
 
 
 class ObjectStore(Protocol):
@@ -77,7 +79,7 @@ class S3Store:
             raise FetchError(f"S3 unreachable: {error}", transient=True) from None
         if len(data) > max_bytes:
             raise LimitError(f"object is over the limit of {max_bytes} bytes")
-        return FetchedObject(data=data, size=len(data))
+        return FetchedObject(data=data, size=len(data), last_modified=response.get("LastModified"))
 
 
 class LocalStore:
@@ -100,9 +102,9 @@ class LocalStore:
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
         path = self._path(ref)
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise LimitError(f"file is {size} bytes, over the limit of {max_bytes}")
+            stat = path.stat()
+            if stat.st_size > max_bytes:
+                raise LimitError(f"file is {stat.st_size} bytes, over the limit of {max_bytes}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise FetchError(f"no such file: {path}", transient=False) from None
@@ -110,7 +112,8 @@ class LocalStore:
             raise FetchError(f"not a file: {path}", transient=False) from None
         except PermissionError as error:
             raise FetchError(f"cannot read {path}: {error}", transient=False) from None
-        return FetchedObject(data=data, size=len(data))
+        modified = datetime.fromtimestamp(stat.st_mtime, tz=UTC)
+        return FetchedObject(data=data, size=len(data), last_modified=modified)
 
     def list(self, prefix: str = "") -> Iterator[ObjectRef]:
         for dirpath, _dirs, files in os.walk(self.root):

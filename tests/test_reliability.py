@@ -1,0 +1,211 @@
+"""Every uploaded image ends in exactly one final state, whatever fails in between.
+
+Real worker processes, the real Redis and Postgres, moto's S3 server; outages are made with a loopback
+TCP proxy that a test cuts and restores for the worker alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from ingest.publisher import JobPublisher
+from schema.results import ObjectRef
+from schema.s3 import make_s3_client
+from schema.settings import Settings
+from schema.tables import Enrichment
+from tests.conftest import REDIS_URL, wait_for
+from tests.tcp_proxy import TcpProxy
+from tests.test_end_to_end import enrich_cli, put_images, rows, unacked_for
+from worker.pipeline import Job
+from worker.runtime import build_pipeline, load_model
+from worker.storage import S3Store
+
+
+def queue_length(queue: str) -> int:
+    return int(redis.Redis.from_url(REDIS_URL).llen(queue))
+
+
+def publish(settings: Settings, bucket: str, etags: dict[str, str]) -> None:
+    report = JobPublisher(settings).publish(ObjectRef(bucket, key, etag=etag) for key, etag in etags.items())
+    assert report.published == len(etags)
+
+
+def one_ok_row_per_key(engine: Engine, keys: list[str]) -> bool:
+    found = rows(engine)
+    return sorted(r.key for r in found) == sorted(keys) and all(r.status == "ok" for r in found)
+
+
+def via_proxy(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+@pytest.fixture
+def keys() -> list[str]:
+    return [f"crash/{i}.jpg" for i in range(6)]
+
+
+def test_sigkill_mid_batch_brings_the_tasks_back_and_each_finishes_once(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    # Worker A takes every message and waits to fill a batch of 32: killed while holding all six.
+    settings = settings.model_copy(update={"visibility_timeout_s": 3})
+    slow = start_worker(settings.model_copy(update={"batch_size": 32, "max_wait_ms": 20_000}))
+    wait_for(lambda: unacked_for(settings.queue) == 6 and queue_length(settings.queue) == 0, what="A holds 6")
+    os.kill(slow.process.pid, signal.SIGKILL)
+    slow.process.wait()
+    assert rows(pg_engine) == []
+
+    time.sleep(settings.visibility_timeout_s + 1)  # the messages become visible again
+    start_worker(settings)
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), what="6 ok rows after the crash")
+    wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="all acked")
+    assert all(r.attempts == 1 for r in rows(pg_engine))
+
+
+def test_warm_shutdown_finishes_the_batch_in_hand(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    worker = start_worker(settings.model_copy(update={"batch_size": 32, "max_wait_ms": 3000}))
+    wait_for(lambda: unacked_for(settings.queue) == 6, what="worker holds 6")
+    worker.process.send_signal(signal.SIGTERM)  # what Kubernetes sends on scale-down
+    assert worker.process.wait(timeout=60) == 0
+    assert one_ok_row_per_key(pg_engine, keys)
+    assert unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0
+
+
+@pytest.fixture
+def pg_proxy(postgres_url: str) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(urlsplit(postgres_url).port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker,  # type: ignore[no-untyped-def]
+    pg_proxy: TcpProxy,
+) -> None:
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    pg_proxy.down()
+    worker = start_worker(
+        settings.model_copy(update={"database_url": via_proxy(settings.database_url, pg_proxy.port)})
+    )
+    wait_for(
+        lambda: worker.metric('enrich_transient_failures_total{stage="sink"}') >= 6, what="sink failures"
+    )
+    assert rows(pg_engine) == []
+    pg_proxy.up()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows after the outage")
+    wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="all acked")
+
+
+def test_s3_outage_is_retried_then_succeeds(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    etags = put_images(moto_server, bucket, keys)
+    proxy = TcpProxy(urlsplit(moto_server).port or 0)
+    try:
+        proxy.down()
+        publish(settings, bucket, etags)
+        worker = start_worker(
+            settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"})
+        )
+        wait_for(
+            lambda: worker.metric('enrich_transient_failures_total{stage="fetch"}') >= 6, what="fetch retries"
+        )
+        assert rows(pg_engine) == []
+        proxy.up()
+        wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows after S3 came back")
+    finally:
+        proxy.close()
+
+
+def test_transient_failures_that_exhaust_attempts_are_dead_lettered_and_can_be_retried(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    etags = put_images(moto_server, bucket, keys[:2])
+    proxy = TcpProxy(urlsplit(moto_server).port or 0)
+    try:
+        proxy.down()
+        settings = settings.model_copy(
+            update={"max_attempts": 2, "s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+        )
+        publish(settings, bucket, etags)
+        start_worker(settings)
+        wait_for(lambda: len(rows(pg_engine)) == 2, timeout=90, what="dead-lettered rows")
+        assert {r.status for r in rows(pg_engine)} == {"failed_fetch"}
+        assert all("gave up after retries" in (r.error or "") for r in rows(pg_engine))
+        failed = enrich_cli(settings, "query", "--status", "failed", "--format", "csv").stdout
+        assert all(key in failed for key in keys[:2])
+
+        proxy.up()
+        retried = enrich_cli(settings, "retry", "--status", "failed_fetch")
+        assert "queued 2" in retried.stdout
+        wait_for(lambda: one_ok_row_per_key(pg_engine, keys[:2]), timeout=60, what="ok after retry")
+        assert all(r.attempts == 2 for r in rows(pg_engine))
+    finally:
+        proxy.close()
+
+
+def test_permanent_errors_fail_once_without_retrying(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    etags = put_images(moto_server, bucket, ["gone.jpg", "overwritten.jpg"])
+    client = make_s3_client(settings)
+    client.delete_object(Bucket=bucket, Key="gone.jpg")
+    client.put_object(Bucket=bucket, Key="overwritten.jpg", Body=b"new bytes, a new version")
+    publish(settings, bucket, etags)
+    worker = start_worker(settings)
+    wait_for(lambda: len(rows(pg_engine)) == 2, what="2 failed rows")
+    found = {r.key: r for r in rows(pg_engine)}
+    assert found["gone.jpg"].status == "failed_fetch" and "NoSuchKey" in (found["gone.jpg"].error or "")
+    assert found["overwritten.jpg"].status == "failed_fetch"
+    assert "changed since the event" in (found["overwritten.jpg"].error or "")
+    assert worker.metric("enrich_transient_failures_total") == 0
+
+
+def test_a_late_event_for_an_older_version_never_hides_the_newer_one(
+    settings: Settings, pg_engine: Engine, bucket: str
+) -> None:
+    client = make_s3_client(settings)
+    old = client.put_object(Bucket=bucket, Key="shirt.jpg", Body=put_bytes(0))["ETag"].strip('"')
+    new = client.put_object(Bucket=bucket, Key="shirt.jpg", Body=put_bytes(1))["ETag"].strip('"')
+    pipeline = build_pipeline(settings, model=load_model(settings), store=S3Store(client))
+    try:
+        # Delivery is unordered: the newer event (sequencer 0B) arrives before the older one (0A).
+        pipeline.process([Job(ObjectRef(bucket, "shirt.jpg", etag=new, sequencer="0B"))])
+        pipeline.process([Job(ObjectRef(bucket, "shirt.jpg", etag=old, sequencer="0A"))])
+    finally:
+        pipeline.close()
+    with pg_engine.connect() as conn:
+        latest = conn.execute(
+            text("SELECT etag, status FROM enrichments_latest WHERE key = 'shirt.jpg'")
+        ).one()
+    assert tuple(latest) == (new, "ok")
+    with Session(pg_engine) as session:
+        statuses = dict(session.execute(select(Enrichment.etag, Enrichment.status)).tuples().all())
+    assert statuses == {new: "ok", old: "failed_fetch"}
+
+
+def put_bytes(index: int) -> bytes:
+    from tests.conftest import sample_jpegs
+
+    return sample_jpegs(index + 1)[index]
