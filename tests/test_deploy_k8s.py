@@ -324,3 +324,29 @@ def test_kubectl_renders_what_the_scaling_module_reads() -> None:
     )
     objs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert scaling.worker_spec(objs) == scaling.worker_spec(scaling.load_objects("gpu"))
+
+
+def test_disruption_budgets_never_block_a_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A PDB with minAvailable >= the replicas it covers makes `kubectl drain` hang forever."""
+    for overlay, objs in rendered.items():
+        scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in objs if so["kind"] == "ScaledObject"}
+        for pdb in (o for o in objs if o["kind"] == "PodDisruptionBudget"):
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            (deployment,) = [
+                d
+                for d in objs
+                if d["kind"] == "Deployment"
+                and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            ]
+            if "maxUnavailable" in pdb["spec"]:
+                assert pdb["spec"]["maxUnavailable"] >= 1, overlay
+                continue
+            name = deployment["metadata"]["name"]
+            floor = (
+                scaled[name]["spec"].get("minReplicaCount", 0)
+                if name in scaled
+                else deployment["spec"]["replicas"]
+            )
+            assert floor > pdb["spec"]["minAvailable"], (
+                f"{overlay}: PDB {pdb['metadata']['name']} blocks drains"
+            )
