@@ -201,3 +201,31 @@ def sample_jpegs(n: int) -> list[bytes]:
     """Real catalogue photos (60x80 JPEGs) from the shared dataset."""
     paths = sorted((FASHION_SMALL / "images").glob("*.jpg"))[:n]
     return [p.read_bytes() for p in paths]
+
+
+@pytest.fixture
+def serve_webhook() -> Iterator:  # type: ignore[type-arg]
+    """Serves the real webhook app with uvicorn on a loopback port; returns its base URL."""
+    import threading
+
+    import uvicorn
+
+    from ingest.publisher import JobPublisher
+    from ingest.webhook import make_webhook_app
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(settings: Settings) -> str:
+        port = free_port()
+        app = make_webhook_app(settings, JobPublisher(settings))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_for(lambda: server.started, timeout=10, what="webhook start")
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -9,24 +9,20 @@ import json
 import math
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 
 import boto3
 import httpx
 import pytest
 import redis
-import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ingest.publisher import JobPublisher
-from ingest.webhook import make_webhook_app
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, REPO, free_port, s3_client, sample_jpegs, settings_env, wait_for
+from tests.conftest import REDIS_URL, REPO, s3_client, sample_jpegs, settings_env, wait_for
 
 # Keys that break naive handling: spaces, '+', unicode, characters that URL-encoding changes.
 AWKWARD_KEYS = [
@@ -102,24 +98,8 @@ def test_put_object_notified_to_sqs_ends_as_rows_via_ingest_sqs_and_worker(
 
 
 @pytest.fixture
-def webhook(settings: Settings) -> Iterator[str]:
-    """The real webhook app served by uvicorn on a loopback port."""
-    settings = settings.model_copy(update={"webhook_secret": SecretStr("s3cret")})
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            make_webhook_app(settings, JobPublisher(settings)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=10, what="webhook start")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+def webhook(settings: Settings, serve_webhook) -> str:  # type: ignore[no-untyped-def]
+    return str(serve_webhook(settings.model_copy(update={"webhook_secret": SecretStr("s3cret")})))
 
 
 def minio_body(bucket: str, key_encoded: str, etag: str) -> dict:

@@ -1,0 +1,124 @@
+"""The ingest edge: authentication, limits, allow-list, odd events, and a broker that goes away."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import redis
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from schema.settings import Settings
+from tests.conftest import REDIS_URL, wait_for
+from tests.tcp_proxy import TcpProxy
+from tests.test_end_to_end import minio_body, put_images, rows
+
+SECRET = "correct horse battery staple"
+
+
+@pytest.fixture
+def secured(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "webhook_secret": SecretStr(SECRET),
+            "webhook_max_body_bytes": 4096,
+            "allowed_buckets": ["shop"],
+        }
+    )
+
+
+def llen(queue: str) -> int:
+    return int(redis.Redis.from_url(REDIS_URL).llen(queue))
+
+
+def test_hmac_signature_or_bearer_token_is_required(secured: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+    url = serve_webhook(secured) + "/events"
+    body = json.dumps(minio_body("shop", "a.jpg", "e")).encode()
+    good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    forged = "sha256=" + hmac.new(b"guess", body, hashlib.sha256).hexdigest()
+    assert httpx.post(url, content=body).status_code == 401
+    assert httpx.post(url, content=body, headers={"X-Enrich-Signature": forged}).status_code == 401
+    assert httpx.post(url, content=body, headers={"X-Enrich-Signature": good}).status_code == 200
+    assert httpx.post(url, content=body, headers={"Authorization": f"Bearer {SECRET}"}).status_code == 200
+    # A signature of other bytes does not authorise this body.
+    assert httpx.post(url, content=body + b" ", headers={"X-Enrich-Signature": good}).status_code == 401
+    assert llen(secured.queue) == 2
+
+
+def test_oversized_bodies_are_refused_before_parsing(secured: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+    url = serve_webhook(secured) + "/events"
+    huge = b'{"Records": [' + b" " * 10_000 + b"]}"
+    response = httpx.post(url, content=huge, headers={"Authorization": f"Bearer {SECRET}"})
+    assert response.status_code == 413 and "4096" in response.json()["error"]
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"Records": ['
+        for _ in range(100):
+            yield b" " * 100  # no Content-Length: the limit holds on the stream too
+
+    response = httpx.post(url, content=chunks(), headers={"Authorization": f"Bearer {SECRET}"})
+    assert response.status_code == 413
+    assert llen(secured.queue) == 0
+
+
+def test_test_events_foreign_buckets_and_deletes_are_answered_not_queued(
+    secured: Settings, serve_webhook
+) -> None:  # type: ignore[no-untyped-def]
+    url = serve_webhook(secured) + "/events"
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "shop"}
+    response = httpx.post(url, json=test_event, headers=auth)
+    assert response.status_code == 200 and response.json()["queued"] == 0 and response.json()["ignored"]
+    foreign = httpx.post(url, json=minio_body("someone-elses", "x.jpg", "e"), headers=auth)
+    assert foreign.status_code == 200 and foreign.json()["queued"] == 0
+    assert "allow-list" in foreign.json()["rejected"][0]
+    deletion = minio_body("shop", "x.jpg", "e")
+    deletion["Records"][0]["eventName"] = "s3:ObjectRemoved:Delete"
+    assert httpx.post(url, json=deletion, headers=auth).json()["queued"] == 0
+    assert llen(secured.queue) == 0
+
+
+def test_webhook_answers_503_while_redis_is_away_and_recovers(settings: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+    proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    try:
+        via = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{proxy.port}/0"})
+        url = serve_webhook(via) + "/events"
+        body = minio_body("shop", "a.jpg", "e")
+        assert httpx.post(url, json=body).status_code == 200
+        proxy.down()
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 503  # the sender (MinIO, SNS) retries; nothing is lost
+        proxy.up()
+        wait_for(
+            lambda: httpx.post(url, json=body, timeout=60).status_code == 200, timeout=60, what="recovery"
+        )
+        assert llen(settings.queue) >= 2
+    finally:
+        proxy.close()
+
+
+def test_worker_reconnects_after_redis_drops_its_connections(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    from ingest.publisher import JobPublisher
+    from schema.results import ObjectRef
+
+    proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    try:
+        worker = start_worker(settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{proxy.port}/0"}))
+        first = put_images(moto_server, bucket, ["before.jpg"])
+        JobPublisher(settings).publish([ObjectRef(bucket, "before.jpg", etag=first["before.jpg"])])
+        wait_for(lambda: len(rows(pg_engine)) == 1, what="first row")
+        proxy.down()  # as a Redis restart does to every client
+        second = put_images(moto_server, bucket, ["after.jpg"])
+        JobPublisher(settings).publish([ObjectRef(bucket, "after.jpg", etag=second["after.jpg"])])
+        proxy.up()
+        wait_for(lambda: len(rows(pg_engine)) == 2, timeout=90, what="row after reconnect")
+        assert {r.status for r in rows(pg_engine)} == {"ok"} and worker.process.poll() is None
+    finally:
+        proxy.close()
