@@ -165,3 +165,27 @@ def test_burst_simulation_keeps_its_promises() -> None:
     warm = scaling.simulate(arrivals, scaling.ScalerSpec(**{**_spec_fields(spec), "min_replicas": 1}))
     assert np.nanmax(warm.latency) < np.nanmax(result.latency)
     assert warm.gpu_seconds > result.gpu_seconds
+
+
+def test_docs_scaling_table_matches_the_simulation() -> None:
+    """The headline rows of docs/scaling.md come from `python deploy/scaling.py`; a change to the ScaledObject
+    or the model must be reflected there."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    spec = _specs()["gpu"]
+    arrivals = scaling.scenario()
+    rows = {
+        "| the figure, as written": spec,
+        "| the figure, `minReplicaCount: 1`": scaling.ScalerSpec(**{**_spec_fields(spec), "min_replicas": 1}),
+    }
+    for prefix, variant in rows.items():
+        s = scaling.summary(
+            scaling.simulate(arrivals, variant), scaling.WORKER_IMAGES_PER_S, scaling.GPU_HOUR_USD
+        )
+        (line,) = [ln for ln in doc.splitlines() if ln.startswith(prefix)]
+        expected = (
+            f"| {s['p50_latency_s']:.0f} s / {s['p95_latency_s']:.0f} s | {s['gpu_hours']:.2f} | "
+            f"{s['utilisation'] * 100:.0f} % | {s['usd_per_million']:.2f} |"
+        )
+        assert line.endswith(expected), f"docs/scaling.md row {line!r} should end {expected!r}"
