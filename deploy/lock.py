@@ -45,6 +45,12 @@ INGEST_DEPENDENCIES = frozenset(
 )
 
 
+# The `enrich` commands the ingest image runs (docker-compose.yml, deploy/k8s); the others (run, worker,
+# train, evaluate, ...) need torch and the worker image. tests/test_deploy_images.py imports what these
+# import with only INGEST_DEPENDENCIES available.
+INGEST_IMAGE_COMMANDS = ("ingest webhook", "ingest sqs", "ingest backfill", "db upgrade", "query")
+
+
 def project_requirements() -> tuple[list[Requirement], list[Requirement]]:
     """(project dependencies, build-system requires) from pyproject.toml."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text())

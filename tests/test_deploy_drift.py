@@ -18,6 +18,7 @@ import typer.main
 import yaml
 
 from deploy import scaling
+from deploy.lock import INGEST_IMAGE_COMMANDS
 from schema.settings import DEFAULT_QUEUE, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,28 +183,37 @@ def _resolves(args: list[str]) -> bool:
     return getattr(node, "commands", None) is None
 
 
-def _container_commands(manifests: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, list[str]]]:
+def _container_commands(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> Iterator[tuple[str, str, list[str]]]:
+    """(where, image, args after `enrich`) for every container of ours."""
     for overlay, objs in manifests.items():
         for obj in (o for o in objs if o.get("kind") in ("Deployment", "Job")):
             for c in obj["spec"]["template"]["spec"]["containers"]:
-                yield f"{overlay}/{obj['metadata']['name']}", c["args"]
+                yield f"{overlay}/{obj['metadata']['name']}", c["image"], c["args"]
     for name, service in _compose()["services"].items():
         image = str(service.get("image", ""))
         if not image.startswith("enrich-"):
             continue
         entry = service.get("entrypoint") or ["tini", "--", "enrich"]
         command = [*entry[entry.index("enrich") + 1 :], *(service.get("command") or [])]
-        yield f"compose/{name}", command or ["ingest", "webhook"]
+        yield f"compose/{name}", image, command
     for dockerfile in DOCKERFILES:
         (cmd,) = re.findall(r"^CMD (\[.*\])$", dockerfile.read_text(), flags=re.M)
-        yield dockerfile.name, yaml.safe_load(cmd)
+        yield dockerfile.name, f"enrich-{dockerfile.suffix.lstrip('.')}", yaml.safe_load(cmd)
 
 
 def test_container_commands_exist_in_the_cli(manifests: dict[str, list[dict[str, Any]]]) -> None:
     seen = set()
-    for where, args in _container_commands(manifests):
+    for where, image, args in _container_commands(manifests):
         assert _resolves(args), f"{where}: `enrich {' '.join(args)}` is not a command of enrich.cli"
-        seen.add(" ".join(args[:2]))
+        command = " ".join(w for w in args[:2] if not w.startswith("-"))
+        seen.add(command)
+        if "enrich-ingest" in image:
+            # The slim image has no torch: only the commands tests/test_deploy_images.py checks run there.
+            assert command in INGEST_IMAGE_COMMANDS, f"{where}: `enrich {command}` needs the worker image"
+        else:
+            assert "enrich-worker" in image and command == "worker", where
     assert {"worker", "ingest webhook", "ingest sqs", "db upgrade", "query"} <= seen
 
 
