@@ -44,7 +44,7 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
     logits, target = logits[keep].float(), target[keep]
     if len(target) == 0:
         return 1.0
-    grid = torch.exp(torch.linspace(np.log(0.5), np.log(4.0), 80))
+    grid = torch.exp(torch.linspace(np.log(0.2), np.log(5.0), 120))
     nll = [torch.nn.functional.cross_entropy(logits / t, target).item() for t in grid]
     return float(grid[int(np.argmin(nll))])
 

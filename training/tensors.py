@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ import torch
 from schema.results import DERIVED_FIELDS, HEAD_FIELDS
 from training.data import Item, load_rgb
 from worker.model.config import PreprocessConfig
-from worker.model.preprocess import preprocess_image
+from worker.model.preprocess import preprocess_array
 from worker.model.tokenizer import TitleCodec
 
 IGNORE = -100  # target of a missing or unknown label: no loss, counted as wrong in evaluation
@@ -22,14 +24,29 @@ IGNORE = -100  # target of a missing or unknown label: no loss, counted as wrong
 Source = bytes | str  # JPEG bytes (packed data) or a file path
 
 
+def _init_worker() -> None:
+    # Decoding workers never need more than their one core (torch is imported, but unused, here).
+    torch.set_num_threads(1)
+
+
 def _decode_chunk(args: tuple[list[Source], PreprocessConfig]) -> np.ndarray:
     sources, pre = args
     h, w = pre.input_size
     out = np.empty((len(sources), 3, h, w), dtype=np.uint8)
     for i, src in enumerate(sources):
-        image = load_rgb(src if isinstance(src, bytes) else open(src, "rb").read())  # noqa: SIM115
-        out[i] = preprocess_image(image, pre).numpy()
+        image = load_rgb(src if isinstance(src, bytes) else Path(src).read_bytes())
+        out[i] = preprocess_array(image, pre)
     return out
+
+
+def _decode_into(args: tuple[str, tuple[int, ...], int, list[Source], PreprocessConfig]) -> int:
+    """Worker: decode a chunk straight into the shared output file (pickling arrays back is slow)."""
+    path, shape, start, sources, pre = args
+    out = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+    out[start : start + len(sources)] = _decode_chunk((sources, pre))
+    out.flush()
+    del out
+    return len(sources)
 
 
 def decode_images(
@@ -42,22 +59,26 @@ def decode_images(
 ) -> torch.Tensor:
     """Decode + preprocess (the serving function) every image -> uint8 N x 3 x H x W, in worker processes."""
     workers = workers or min(16, os.cpu_count() or 1)
-    parts = [list(sources[i : i + chunk]) for i in range(0, len(sources), chunk)]
-    arrays: list[np.ndarray] = []
-    if workers <= 1 or len(parts) <= 1:
-        for p in parts:
-            arrays.append(_decode_chunk((p, pre)))
+    shape = (len(sources), 3, *pre.input_size)
+    if len(sources) == 0:
+        return torch.empty(shape, dtype=torch.uint8)
+    starts = range(0, len(sources), chunk)
+    if workers <= 1 or len(starts) <= 1:
+        arrays = []
+        for i in starts:
+            arrays.append(_decode_chunk((list(sources[i : i + chunk]), pre)))
             if progress:
-                progress(len(p))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for p, arr in zip(parts, pool.map(_decode_chunk, [(p, pre) for p in parts]), strict=True):
-                arrays.append(arr)
+                progress(len(arrays[-1]))
+        return torch.from_numpy(np.concatenate(arrays))
+    with tempfile.TemporaryDirectory(prefix="enrich-decode-") as tmp:
+        path = str(Path(tmp) / "images.u8")
+        np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()
+        jobs = [(path, shape, i, list(sources[i : i + chunk]), pre) for i in starts]
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            for done in pool.map(_decode_into, jobs):
                 if progress:
-                    progress(len(p))
-    if not arrays:
-        return torch.empty((0, 3, *pre.input_size), dtype=torch.uint8)
-    return torch.from_numpy(np.concatenate(arrays))
+                    progress(done)
+        return torch.from_numpy(np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape)))
 
 
 def build_labels(items: Sequence[Item]) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:

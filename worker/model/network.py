@@ -18,16 +18,19 @@ from worker.model.decoder import CaptionDecoder
 
 # Backbones this code knows how to build; the registry keeps names in bundles honest.
 BACKBONES: tuple[str, ...] = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-_REGISTRY: dict[str, Callable[[BundleConfig, int], EnrichNet]] = {}
+Factory = Callable[..., "EnrichNet"]
+_REGISTRY: dict[str, Factory] = {}
 
 
 class EnrichNet(nn.Module):
-    def __init__(self, config: BundleConfig, vocab_size: int) -> None:
+    def __init__(self, config: BundleConfig, vocab_size: int, *, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if config.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {config.backbone!r}; known: {', '.join(BACKBONES)}")
         # num_classes=0 + global_pool="" keeps the spatial map; pretrained=False: no hub downloads, ever.
-        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0, global_pool="")
+        self.backbone = timm.create_model(
+            config.backbone, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path_rate
+        )
         channels = cast(int, self.backbone.num_features)
         d = config.decoder.d_model
         self.heads = nn.ModuleDict(
@@ -63,10 +66,8 @@ class EnrichNet(nn.Module):
         return self.head_logits(fmap), self.decoder(tokens, self.memory(fmap))
 
 
-def register(
-    name: str,
-) -> Callable[[Callable[[BundleConfig, int], EnrichNet]], Callable[[BundleConfig, int], EnrichNet]]:
-    def wrap(fn: Callable[[BundleConfig, int], EnrichNet]) -> Callable[[BundleConfig, int], EnrichNet]:
+def register(name: str) -> Callable[[Factory], Factory]:
+    def wrap(fn: Factory) -> Factory:
         _REGISTRY[name] = fn
         return fn
 
@@ -74,14 +75,18 @@ def register(
 
 
 @register("enrich-net")
-def _enrich_net(config: BundleConfig, vocab_size: int) -> EnrichNet:
-    return EnrichNet(config, vocab_size)
+def _enrich_net(config: BundleConfig, vocab_size: int, *, drop_path_rate: float = 0.0) -> EnrichNet:
+    return EnrichNet(config, vocab_size, drop_path_rate=drop_path_rate)
 
 
-def create_model(config: BundleConfig, vocab_size: int, *, architecture: str = "enrich-net") -> EnrichNet:
-    """Build a network with random weights for this config (the bundle loader fills them in)."""
+def create_model(
+    config: BundleConfig, vocab_size: int, *, architecture: str = "enrich-net", drop_path_rate: float = 0.0
+) -> EnrichNet:
+    """Build a network with random weights for this config (the bundle loader fills them in).
+    drop_path_rate (stochastic depth) only acts in training mode."""
     try:
         factory = _REGISTRY[architecture]
     except KeyError:
         raise ValueError(f"unknown architecture {architecture!r}") from None
-    return factory(config, vocab_size)
+    net: EnrichNet = factory(config, vocab_size, drop_path_rate=drop_path_rate)
+    return net

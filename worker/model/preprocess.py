@@ -52,13 +52,18 @@ def resize_to_input(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
     return canvas
 
 
-def preprocess_image(image: Image.Image, pre: PreprocessConfig) -> torch.Tensor:
-    """An RGB PIL image -> uint8 tensor (3, H, W) at the network's input size."""
+def preprocess_array(image: Image.Image, pre: PreprocessConfig) -> np.ndarray:
+    """An RGB PIL image -> uint8 array (3, H, W) at the network's input size (no torch: safe and fast in
+    decoding worker processes, where torch's thread pool would oversubscribe the cores)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     image = resize_to_input(reduce_detail(image, pre.detail_size), pre)
-    array = np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only buffers
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def preprocess_image(image: Image.Image, pre: PreprocessConfig) -> torch.Tensor:
+    """An RGB PIL image -> uint8 tensor (3, H, W) at the network's input size."""
+    return torch.from_numpy(preprocess_array(image, pre))
 
 
 def normalize(batch: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
