@@ -350,3 +350,11 @@ def test_disruption_budgets_never_block_a_drain(rendered: dict[str, list[dict[st
             assert floor > pdb["spec"]["minAvailable"], (
                 f"{overlay}: PDB {pdb['metadata']['name']} blocks drains"
             )
+
+
+def test_every_object_is_labelled_part_of_enrich(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, obj in _objects(rendered):
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "enrich", (
+            f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        )
