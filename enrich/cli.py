@@ -253,6 +253,47 @@ def retry(
     console.print(f"queued {report.published} failed jobs on '{settings.queue}'")
 
 
+@app.command()
+def soak(
+    n: Annotated[int, typer.Option(help="Images to upload")] = 2000,
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 2,
+    bad_fraction: Annotated[float, typer.Option(help="Share of corrupt images")] = 0.05,
+    duplicate_fraction: Annotated[float, typer.Option(help="Share of events sent twice")] = 0.1,
+    kill_every: Annotated[float, typer.Option(help="Seconds between worker SIGKILLs (0: none)")] = 15.0,
+    outage_every: Annotated[float, typer.Option(help="Seconds between database outages (0: none)")] = 20.0,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 1800.0,
+    seed: int = 0,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="Use this S3 API server instead of a moto one")
+    ] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle for the workers")] = None,
+) -> None:
+    """Push N images through ingest -> Redis -> workers -> Postgres with faults injected; print the ledger."""
+    from enrich.soak import run_soak
+
+    settings = _settings()
+    if not settings.database_url.startswith("postgresql"):
+        raise typer.BadParameter("the soak needs ENRICH_DATABASE_URL to point at Postgres")
+    ledger = run_soak(
+        settings,
+        n=n,
+        workers=workers,
+        bad_fraction=bad_fraction,
+        duplicate_fraction=duplicate_fraction,
+        kill_every_s=kill_every,
+        outage_every_s=outage_every,
+        timeout_s=timeout,
+        seed=seed,
+        s3_endpoint=s3_endpoint,
+        bundle=bundle,
+        log=console.print,
+    )
+    for line in ledger.lines():
+        console.print(line)
+    if not ledger.exact:
+        raise typer.Exit(1)
+
+
 # -- query ----------------------------------------------------------------------------------------------
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from schema.settings import Settings
 from tests.conftest import REDIS_URL, wait_for
-from tests.tcp_proxy import TcpProxy
+from enrich.tcp_proxy import TcpProxy
 from tests.test_end_to_end import minio_body, put_images, rows
 
 SECRET = "correct horse battery staple"

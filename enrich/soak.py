@@ -1,0 +1,232 @@
+"""`enrich soak`: N images through the real stack while faults are injected, ending with an exact ledger.
+
+Real parts: an S3 API server (moto's, started here unless --s3-endpoint is given), the configured Redis
+and Postgres, and `enrich worker` processes. Faults: SIGKILL of a random worker (a new one replaces it),
+Postgres outages (a TCP proxy between the workers and the database is cut), corrupt images, and duplicate
+events. The ledger counts, per uploaded key, the rows that exist: every key must have exactly one, good
+images `ok`, corrupt ones `failed_decode`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from PIL import Image
+from sqlalchemy import func, select
+
+from enrich.tcp_proxy import TcpProxy
+from ingest.publisher import JobPublisher
+from schema.db import make_engine
+from schema.results import ObjectRef
+from schema.s3 import make_s3_client
+from schema.settings import REPO_ROOT, Settings
+from schema.tables import Enrichment
+
+SAMPLE_DIR = REPO_ROOT.parent / "shared" / "datasets" / "fashion-small" / "images"
+
+
+@dataclass
+class Ledger:
+    uploaded: int = 0
+    events_sent: int = 0
+    expected_ok: set[str] = field(default_factory=set)
+    expected_failed: set[str] = field(default_factory=set)
+    kills: int = 0
+    db_outages: int = 0
+    rows_by_key: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> list[str]:
+        return sorted(k for k in self.expected_ok | self.expected_failed if not self.rows_by_key.get(k))
+
+    @property
+    def duplicated(self) -> list[str]:
+        return sorted(k for k, statuses in self.rows_by_key.items() if len(statuses) > 1)
+
+    @property
+    def wrong_status(self) -> list[str]:
+        wrong = [k for k in self.expected_ok if self.rows_by_key.get(k, ["ok"]) != ["ok"]]
+        wrong += [
+            k for k in self.expected_failed if self.rows_by_key.get(k, ["failed_decode"]) != ["failed_decode"]
+        ]
+        return sorted(wrong)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.lost or self.duplicated or self.wrong_status)
+
+    def lines(self) -> list[str]:
+        statuses = Counter(s for v in self.rows_by_key.values() for s in v)
+        return [
+            f"uploaded keys        {self.uploaded}",
+            f"events sent          {self.events_sent} (duplicates included)",
+            f"worker SIGKILLs      {self.kills}",
+            f"database outages     {self.db_outages}",
+            f"rows by status       {dict(sorted(statuses.items()))}",
+            f"expected ok          {len(self.expected_ok)}",
+            f"expected failed      {len(self.expected_failed)}",
+            f"lost                 {len(self.lost)} {self.lost[:5]}",
+            f"duplicated           {len(self.duplicated)} {self.duplicated[:5]}",
+            f"wrong status         {len(self.wrong_status)} {self.wrong_status[:5]}",
+            f"ledger exact         {self.exact}",
+        ]
+
+
+def _images(n: int, rng: random.Random) -> list[bytes]:
+    paths = sorted(SAMPLE_DIR.glob("*.jpg"))[:n] if SAMPLE_DIR.is_dir() else []
+    images = [p.read_bytes() for p in paths]
+    while len(images) < n:  # no dataset beside the repo: synthetic photos
+        buffer = io.BytesIO()
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        Image.new("RGB", (60, 80), colour).save(buffer, format="JPEG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def _via(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    user, _, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"))
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return subprocess.Popen(
+        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "error"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def run_soak(
+    settings: Settings,
+    *,
+    n: int,
+    workers: int,
+    bad_fraction: float,
+    duplicate_fraction: float,
+    kill_every_s: float,
+    outage_every_s: float,
+    timeout_s: float,
+    seed: int,
+    s3_endpoint: str | None,
+    bundle: Path | None,
+    log: object = print,
+) -> Ledger:
+    say = log if callable(log) else print
+    rng = random.Random(seed)
+    server = None
+    if s3_endpoint is None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        s3_endpoint = f"http://{host}:{port}"
+    run_id = uuid.uuid4().hex[:8]
+    settings = settings.model_copy(
+        update={
+            "s3_endpoint_url": s3_endpoint,
+            "queue": f"soak-{run_id}",
+            "visibility_timeout_s": 10,
+            "metrics_port": 0,
+            "max_attempts": 8,
+        }
+        | ({"model_bundle": bundle} if bundle else {})
+    )
+    db_port = urlsplit(settings.database_url).port or 5432
+    proxy = TcpProxy(db_port)
+    worker_settings = settings.model_copy(update={"database_url": _via(settings.database_url, proxy.port)})
+    ledger = Ledger()
+    bucket = f"soak-{run_id}"
+    client = make_s3_client(settings)
+    client.create_bucket(Bucket=bucket)
+    refs: list[ObjectRef] = []
+    for i, data in enumerate(_images(n, rng)):
+        key = f"soak/{i:06d} photo.jpg"
+        if rng.random() < bad_fraction:
+            data = data[: len(data) // 3] if rng.random() < 0.5 else b"\x00not an image"
+            ledger.expected_failed.add(key)
+        else:
+            ledger.expected_ok.add(key)
+        etag = client.put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+        refs.append(ObjectRef(bucket, key, etag=etag))
+    ledger.uploaded = len(refs)
+    events = refs + [r for r in refs if rng.random() < duplicate_fraction]
+    rng.shuffle(events)
+    publisher = JobPublisher(settings)
+    ledger.events_sent = publisher.publish(events).published
+    say(f"uploaded {ledger.uploaded} images to s3://{bucket}, sent {ledger.events_sent} events")
+
+    engine = make_engine(settings.database_url)
+    procs = [_start_worker(worker_settings) for _ in range(workers)]
+    started = time.monotonic()
+    next_kill = started + kill_every_s
+    next_outage = started + outage_every_s
+    try:
+        while time.monotonic() - started < timeout_s:
+            with engine.connect() as conn:
+                done = conn.scalar(
+                    select(func.count(func.distinct(Enrichment.key))).where(Enrichment.bucket == bucket)
+                )
+            if done == len(refs):
+                break
+            now = time.monotonic()
+            if kill_every_s and now >= next_kill:
+                victim = rng.randrange(len(procs))
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait()
+                procs[victim] = _start_worker(worker_settings)
+                ledger.kills += 1
+                next_kill = now + kill_every_s
+                say(f"[{now - started:5.0f}s] SIGKILL worker {victim}; {done}/{len(refs)} images have rows")
+            if outage_every_s and now >= next_outage:
+                proxy.down()
+                time.sleep(rng.uniform(1, 4))
+                proxy.up()
+                ledger.db_outages += 1
+                next_outage = time.monotonic() + outage_every_s
+                say(f"[{now - started:5.0f}s] database outage; {done}/{len(refs)} images have rows")
+            time.sleep(0.5)
+        # Let in-flight duplicates land (or not) before the ledger is read.
+        time.sleep(3)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proxy.close()
+        publisher.close()
+        if server is not None:
+            server.stop()
+    with engine.connect() as conn:
+        for key, status in conn.execute(
+            select(Enrichment.key, Enrichment.status).where(Enrichment.bucket == bucket)
+        ):
+            ledger.rows_by_key.setdefault(key, []).append(status)
+    engine.dispose()
+    return ledger
