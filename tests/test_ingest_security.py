@@ -13,9 +13,9 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from enrich.tcp_proxy import TcpProxy
 from schema.settings import Settings
 from tests.conftest import REDIS_URL, wait_for
-from enrich.tcp_proxy import TcpProxy
 from tests.test_end_to_end import minio_body, put_images, rows
 
 SECRET = "correct horse battery staple"
@@ -122,3 +122,39 @@ def test_worker_reconnects_after_redis_drops_its_connections(
         assert {r.status for r in rows(pg_engine)} == {"ok"} and worker.process.poll() is None
     finally:
         proxy.close()
+
+
+def test_secrets_never_appear_in_settings_reprs_or_worker_logs(settings: Settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, settings_env
+
+    secret_settings = settings.model_copy(
+        update={
+            "s3_access_key_id": SecretStr("AKIA-VISIBLE-ID"),
+            "s3_secret_access_key": SecretStr("never-print-this-key"),
+            "webhook_secret": SecretStr("never-print-this-token"),
+        }
+    )
+    assert "never-print" not in repr(secret_settings) and "never-print" not in str(
+        secret_settings.model_dump()
+    )
+    # A worker that starts, logs at debug level and is stopped prints neither secret.
+    env = settings_env(secret_settings)
+    assert env["ENRICH_S3_SECRET_ACCESS_KEY"] == "never-print-this-key"  # it did receive them
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "debug"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=25)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert "ready" in output  # it really started and logged
+    assert "never-print" not in output

@@ -17,13 +17,13 @@ import redis
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
 from tests.conftest import REDIS_URL, wait_for
-from enrich.tcp_proxy import TcpProxy
 from tests.test_end_to_end import enrich_cli, put_images, rows, unacked_for
 from worker.pipeline import Job
 from worker.runtime import build_pipeline, load_model
