@@ -71,7 +71,8 @@ def test_test_events_and_deletions_are_ignored_with_a_reason() -> None:
         ('{"Records": [42]}', "not an object"),
         ('{"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]}', "lacks s3.bucket.name"),
         (
-            '{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": ""}, "object": {"key": "k"}}}]}',
+            '{"Records": [{"eventName": "ObjectCreated:Put",'
+            ' "s3": {"bucket": {"name": ""}, "object": {"key": "k"}}}]}',
             "empty",
         ),
     ],
