@@ -70,6 +70,10 @@ def train_command(
     name: str = "enrich-lite0",
     version: str = "1.0.0",
     weights_dtype: str = "float16",
+    class_weight_power: Annotated[
+        float, typer.Option(help="Class loss weight ~ count^-power (0: plain cross-entropy).")
+    ] = 0.25,
+    decoder_dropout: float = 0.1,
     decode_workers: Annotated[int, typer.Option(help="Processes decoding images (0: one per core).")] = 0,
 ) -> None:
     """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
@@ -106,6 +110,8 @@ def train_command(
         d_ff=d_ff,
         max_tokens=max_tokens,
         weights_dtype=weights_dtype,
+        class_weight_power=class_weight_power,
+        decoder_dropout=decoder_dropout,
     )
     result = train(
         dataset.train,

@@ -239,8 +239,6 @@ def train(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     cuda = dev.type == "cuda"
     torch.manual_seed(recipe.seed)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed input size: autotune the convolutions once
     say = console.print if console else (lambda *a, **k: None)
 
     codec = TitleCodec(
