@@ -9,33 +9,26 @@ images `ok`, corrupt ones `failed_decode`.
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from PIL import Image
 from sqlalchemy import func, select
 
+from enrich.stack import catalogue_images, start_moto, start_worker_process, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
-from schema.settings import REPO_ROOT, Settings
+from schema.settings import Settings
 from schema.tables import Enrichment
-
-SAMPLE_DIR = REPO_ROOT.parent / "shared" / "datasets" / "fashion-small" / "images"
 
 
 @dataclass
@@ -85,36 +78,6 @@ class Ledger:
         ]
 
 
-def _images(n: int, rng: random.Random) -> list[bytes]:
-    paths = sorted(SAMPLE_DIR.glob("*.jpg"))[:n] if SAMPLE_DIR.is_dir() else []
-    images = [p.read_bytes() for p in paths]
-    while len(images) < n:  # no dataset beside the repo: synthetic photos
-        buffer = io.BytesIO()
-        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-        Image.new("RGB", (60, 80), colour).save(buffer, format="JPEG")
-        images.append(buffer.getvalue())
-    return images
-
-
-def _via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    user, _, _ = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"))
-
-
-def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
-            env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    return subprocess.Popen(
-        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "error"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-    )
-
-
 def run_soak(
     settings: Settings,
     *,
@@ -134,16 +97,7 @@ def run_soak(
     rng = random.Random(seed)
     server = None
     if s3_endpoint is None:
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
-
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        s3_endpoint = f"http://{host}:{port}"
+        server, s3_endpoint = start_moto()
     run_id = uuid.uuid4().hex[:8]
     settings = settings.model_copy(
         update={
@@ -157,13 +111,15 @@ def run_soak(
     )
     db_port = urlsplit(settings.database_url).port or 5432
     proxy = TcpProxy(db_port)
-    worker_settings = settings.model_copy(update={"database_url": _via(settings.database_url, proxy.port)})
+    worker_settings = settings.model_copy(
+        update={"database_url": with_port(settings.database_url, proxy.port)}
+    )
     ledger = Ledger()
     bucket = f"soak-{run_id}"
     client = make_s3_client(settings)
     client.create_bucket(Bucket=bucket)
     refs: list[ObjectRef] = []
-    for i, data in enumerate(_images(n, rng)):
+    for i, data in enumerate(catalogue_images(n, seed=seed)):
         key = f"soak/{i:06d} photo.jpg"
         if rng.random() < bad_fraction:
             data = data[: len(data) // 3] if rng.random() < 0.5 else b"\x00not an image"
@@ -180,10 +136,11 @@ def run_soak(
     say(f"uploaded {ledger.uploaded} images to s3://{bucket}, sent {ledger.events_sent} events")
 
     engine = make_engine(settings.database_url)
-    procs = [_start_worker(worker_settings) for _ in range(workers)]
+    procs = [start_worker_process(worker_settings, quiet=True) for _ in range(workers)]
     started = time.monotonic()
-    next_kill = started + kill_every_s
-    next_outage = started + outage_every_s
+    # The first kill and outage come at 25% and 50% of the rows, so even a fast run meets both faults;
+    # later ones follow the clock.
+    next_kill = next_outage = float("inf")
     try:
         while time.monotonic() - started < timeout_s:
             with engine.connect() as conn:
@@ -193,22 +150,22 @@ def run_soak(
             if done == len(refs):
                 break
             now = time.monotonic()
-            if kill_every_s and now >= next_kill:
+            if kill_every_s and (now >= next_kill or (ledger.kills == 0 and done >= len(refs) / 4)):
                 victim = rng.randrange(len(procs))
                 procs[victim].send_signal(signal.SIGKILL)
                 procs[victim].wait()
-                procs[victim] = _start_worker(worker_settings)
+                procs[victim] = start_worker_process(worker_settings, quiet=True)
                 ledger.kills += 1
                 next_kill = now + kill_every_s
                 say(f"[{now - started:5.0f}s] SIGKILL worker {victim}; {done}/{len(refs)} images have rows")
-            if outage_every_s and now >= next_outage:
+            if outage_every_s and (now >= next_outage or (ledger.db_outages == 0 and done >= len(refs) / 2)):
                 proxy.down()
                 time.sleep(rng.uniform(1, 4))
                 proxy.up()
                 ledger.db_outages += 1
                 next_outage = time.monotonic() + outage_every_s
                 say(f"[{now - started:5.0f}s] database outage; {done}/{len(refs)} images have rows")
-            time.sleep(0.5)
+            time.sleep(0.2)
         # Let in-flight duplicates land (or not) before the ledger is read.
         time.sleep(3)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import redis
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
+from enrich.stack import settings_env
 from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.settings import Settings
@@ -121,19 +121,6 @@ def settings(
         fetch_threads=4,
         metrics_port=0,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a subprocess needs to see the same settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        # pydantic-settings reads list-valued variables as JSON.
-        env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    return env
 
 
 class WorkerProcess:

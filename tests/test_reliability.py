@@ -10,13 +10,14 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from enrich.stack import with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
@@ -42,13 +43,6 @@ def publish(settings: Settings, bucket: str, etags: dict[str, str]) -> None:
 def one_ok_row_per_key(engine: Engine, keys: list[str]) -> bool:
     found = rows(engine)
     return sorted(r.key for r in found) == sorted(keys) and all(r.status == "ok" for r in found)
-
-
-def via_proxy(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
 @pytest.fixture
@@ -106,7 +100,7 @@ def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
     publish(settings, bucket, put_images(moto_server, bucket, keys))
     pg_proxy.down()
     worker = start_worker(
-        settings.model_copy(update={"database_url": via_proxy(settings.database_url, pg_proxy.port)})
+        settings.model_copy(update={"database_url": with_port(settings.database_url, pg_proxy.port)})
     )
     wait_for(
         lambda: worker.metric('enrich_transient_failures_total{stage="sink"}') >= 6, what="sink failures"

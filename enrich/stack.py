@@ -1,0 +1,83 @@
+"""Pieces for commands that drive the whole stack (soak, bench): worker processes, an S3 server, images."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+from schema.settings import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    from moto.server import ThreadedMotoServer
+
+DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+IMAGE_SETS = {"small": DATASETS / "fashion-small" / "images", "fullres": DATASETS / "fashion-fullres"}
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment in which a child process reads the same Settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        # pydantic-settings reads list-valued variables as JSON.
+        env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return env
+
+
+def start_worker_process(settings: Settings, *args: str, quiet: bool = False) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "error" if quiet else "warning", *args],
+        env=settings_env(settings),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL if quiet else None,
+    )
+
+
+def start_moto() -> tuple[ThreadedMotoServer, str]:
+    """moto's S3+SQS API server on a loopback port (a dev dependency: `pip install -e .[dev]`)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def with_port(url: str, port: int) -> str:
+    """The same URL (credentials and path kept) pointed at 127.0.0.1:port, e.g. through a TcpProxy."""
+    parts = urlsplit(url)
+    user, _, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"))
+
+
+def catalogue_images(n: int, source: str | Path = "small", *, seed: int = 0) -> list[bytes]:
+    """n JPEGs from a shipped image set (cycled), else synthetic ones where no dataset is beside the repo."""
+    folder = Path(IMAGE_SETS.get(str(source), source))
+    paths = sorted(folder.glob("*.jpg"))[:n] if folder.is_dir() else []
+    images = [p.read_bytes() for p in paths]
+    if images:
+        return [images[i % len(images)] for i in range(n)]
+    from PIL import Image
+
+    rng = random.Random(seed)
+    synthetic = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        Image.new("RGB", (60, 80), colour).save(buffer, format="JPEG")
+        synthetic.append(buffer.getvalue())
+    return synthetic
