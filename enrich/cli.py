@@ -294,6 +294,57 @@ def soak(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    images: Annotated[
+        list[str] | None, typer.Option(help="small, fullres or a folder of JPEGs (repeatable)")
+    ] = None,
+    n: Annotated[int | None, typer.Option(help="Images per set (default: 4096 on GPU, 256 on CPU)")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+    bundle: Annotated[Path | None, typer.Option()] = None,
+    end_to_end: Annotated[bool, typer.Option(help="Also run (c), (d) and the naive baseline")] = True,
+    naive: Annotated[int | None, typer.Option(help="Images for the naive baseline (0: skip)")] = None,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="S3 API server (default: a moto server here)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Append the results as Markdown to this file")] = None,
+) -> None:
+    """Measure model and decode ceilings, end-to-end throughput, latency and memory; print the figures."""
+    from enrich.bench import markdown_section, run_bench
+    from enrich.stack import catalogue_images
+    from worker.runtime import load_model
+
+    settings = _settings(batch_size=batch_size, device=device, model_bundle=bundle)
+    if end_to_end and not settings.database_url.startswith("postgresql"):
+        raise typer.BadParameter("the end-to-end run needs ENRICH_DATABASE_URL to point at Postgres")
+    model = load_model(settings)
+    on_gpu = str(getattr(model, "device", "cpu")).startswith("cuda")
+    count = n or (4096 if on_gpu else 256)
+    reports = []
+    for source in images or ["small", "fullres"]:
+        blobs = catalogue_images(count, source)
+        console.print(f"[bold]{source}[/bold]: {count} images, batch {settings.batch_size}")
+        reports.append(
+            run_bench(
+                settings,
+                model,
+                blobs,
+                label=source,
+                s3_endpoint=s3_endpoint,
+                end_to_end=end_to_end,
+                naive_images=naive if naive is not None else min(count, 128),
+                latency_images=min(count, 512),
+                say=console.print,
+            )
+        )
+    section = markdown_section(reports, "enrich " + " ".join(sys.argv[1:]))
+    console.print(section)
+    if out is not None:
+        with out.open("a") as handle:
+            handle.write(section + "\n")
+
+
 # -- query ----------------------------------------------------------------------------------------------
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
-from enrich.stack import catalogue_images, start_moto, start_worker_process, with_port
+from enrich.stack import WorkerProcess, catalogue_images, start_moto, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
@@ -136,7 +136,7 @@ def run_soak(
     say(f"uploaded {ledger.uploaded} images to s3://{bucket}, sent {ledger.events_sent} events")
 
     engine = make_engine(settings.database_url)
-    procs = [start_worker_process(worker_settings, quiet=True) for _ in range(workers)]
+    procs = [WorkerProcess(worker_settings, quiet=True).process for _ in range(workers)]
     started = time.monotonic()
     # The first kill and outage come at 25% and 50% of the rows, so even a fast run meets both faults;
     # later ones follow the clock.
@@ -144,8 +144,11 @@ def run_soak(
     try:
         while time.monotonic() - started < timeout_s:
             with engine.connect() as conn:
-                done = conn.scalar(
-                    select(func.count(func.distinct(Enrichment.key))).where(Enrichment.bucket == bucket)
+                done = (
+                    conn.scalar(
+                        select(func.count(func.distinct(Enrichment.key))).where(Enrichment.bucket == bucket)
+                    )
+                    or 0
                 )
             if done == len(refs):
                 break
@@ -154,7 +157,7 @@ def run_soak(
                 victim = rng.randrange(len(procs))
                 procs[victim].send_signal(signal.SIGKILL)
                 procs[victim].wait()
-                procs[victim] = start_worker_process(worker_settings, quiet=True)
+                procs[victim] = WorkerProcess(worker_settings, quiet=True).process
                 ledger.kills += 1
                 next_kill = now + kill_every_s
                 say(f"[{now - started:5.0f}s] SIGKILL worker {victim}; {done}/{len(refs)} images have rows")

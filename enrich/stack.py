@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -35,13 +39,67 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker_process(settings: Settings, *args: str, quiet: bool = False) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "error" if quiet else "warning", *args],
-        env=settings_env(settings),
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL if quiet else None,
-    )
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerProcess:
+    """An `enrich worker` child process with its own metrics port."""
+
+    def __init__(self, settings: Settings, *args: str, quiet: bool = False) -> None:
+        self.settings = settings.model_copy(update={"metrics_port": free_port()})
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "enrich.cli",
+                "worker",
+                "--loglevel",
+                "error" if quiet else "warning",
+                *args,
+            ],
+            env=settings_env(self.settings),
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL if quiet else None,
+        )
+
+    def metric(self, name: str) -> float:
+        """Sum of a Prometheus sample of this worker; NaN (false in any comparison) until it serves."""
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = response.read().decode()
+        except OSError:
+            return float("nan")
+        total = 0.0
+        for line in body.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """The metrics port answers once the model is loaded, just before Celery starts consuming."""
+        deadline = time.monotonic() + timeout
+        while math.isnan(self.metric("enrich_forward_passes_total")):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start (exit code {self.process.poll()})")
+            time.sleep(0.2)
+
+    def peak_rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def start_moto() -> tuple[ThreadedMotoServer, str]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +15,7 @@ import redis
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
-from enrich.stack import settings_env
+from enrich.stack import WorkerProcess, free_port
 from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.settings import Settings
@@ -28,12 +25,6 @@ SHARED = REPO.parent / "shared"
 FASHION_SMALL = SHARED / "datasets" / "fashion-small"
 POSTGRES_ADMIN_URL = os.environ.get("ENRICH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("ENRICH_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -121,43 +112,6 @@ def settings(
         fetch_threads=4,
         metrics_port=0,
     )
-
-
-class WorkerProcess:
-    def __init__(self, settings: Settings, *extra: str, metrics_port: int | None = None) -> None:
-        self.metrics_port = metrics_port or free_port()
-        env = settings_env(settings.model_copy(update={"metrics_port": self.metrics_port}))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "warning", *extra],
-            env=env,
-            cwd=REPO,
-        )
-
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus sample of this worker; NaN (false in any comparison) until it serves."""
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-            ) as response:
-                body = response.read().decode()
-        except OSError:
-            return float("nan")
-        total = 0.0
-        for line in body.splitlines():
-            if line.startswith(name) and not line.startswith("#"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class WorkerMetrics:
@@ -28,6 +28,9 @@ class WorkerMetrics:
             "Images per forward pass",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
+        )
+        self.device_memory_peak = Gauge(
+            "enrich_device_memory_peak_bytes", "Peak GPU memory allocated by this process", registry=self.registry
         )
         self.stage_seconds = Histogram(
             "enrich_stage_seconds", "Wall time of a batch stage", ["stage"], registry=self.registry

@@ -256,3 +256,5 @@ class Pipeline:
     def _count_pass(self, size: int) -> None:
         self.metrics.forward_passes.inc()
         self.metrics.batch_size.observe(size)
+        if torch.cuda.is_initialized():
+            self.metrics.device_memory_peak.set(torch.cuda.max_memory_allocated())

@@ -1,0 +1,262 @@
+"""`enrich bench`: throughput and latency of each stage and of the whole stack, on the same images.
+
+(a) model ceiling: classifier + captioner forward passes on pre-decoded batches;
+(b) decode ceiling: bytes -> model-size tensors on the fetch thread pool;
+(c) end to end: S3 API server -> ingest publisher -> Redis -> `enrich worker` process -> Postgres rows;
+(d) upload-to-row latency at a fixed offered load (half of (c));
+and a naive baseline: the same stack with one image per task and one forward pass per image.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import torch
+from sqlalchemy import Engine, func, select
+
+from enrich.stack import WorkerProcess, start_moto
+from ingest.publisher import JobPublisher
+from schema.db import make_engine
+from schema.results import ObjectRef
+from schema.s3 import make_s3_client
+from schema.settings import Settings
+from schema.tables import Enrichment
+from worker.decode import decode_image
+from worker.pipeline import Model
+
+
+@dataclass
+class BenchReport:
+    label: str
+    images: int
+    device: str
+    batch_size: int
+    rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # MiB
+
+    @property
+    def bound(self) -> str:
+        ceilings = {k: v for k, v in self.rates.items() if k in ("model", "decode")}
+        return min(ceilings, key=ceilings.__getitem__) if ceilings else "?"
+
+    @property
+    def efficiency(self) -> float | None:
+        if "end_to_end" not in self.rates or not {"model", "decode"} <= set(self.rates):
+            return None
+        return self.rates["end_to_end"] / min(self.rates["model"], self.rates["decode"])
+
+    def lines(self) -> list[str]:
+        head = f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}"
+        rows = [f"| {head} | |", "|---|---|"]
+        rows += [f"| {name} | {rate:,.1f} images/s |" for name, rate in self.rates.items()]
+        if self.efficiency is not None:
+            rows.append(
+                f"| end_to_end / min(model, decode) | {self.efficiency:.0%} (bound by {self.bound}) |"
+            )
+        if "naive" in self.rates and "end_to_end" in self.rates:
+            speedup = self.rates["end_to_end"] / self.rates["naive"]
+            rows.append(f"| speed-up over naive | {speedup:.1f}x |")
+        latency = dict(self.latency_ms)
+        if (offered := latency.pop("offered_rate", None)) is not None:
+            rows.append(f"| offered load for latency | {offered:,.1f} images/s |")
+        rows += [f"| upload-to-row latency {name} | {value:,.0f} ms |" for name, value in latency.items()]
+        rows += [f"| {name} | {value:,.0f} MiB |" for name, value in self.memory.items()]
+        return rows
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def _timed(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def decode_ceiling(
+    model: Model, blobs: list[bytes], *, threads: int, max_pixels: int
+) -> tuple[float, list[torch.Tensor]]:
+    def one(data: bytes) -> torch.Tensor:
+        return model.preprocess(decode_image(data, max_pixels=max_pixels, target_size=model.image_size).image)
+
+    tensors: list[torch.Tensor] = []
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, blobs[: min(len(blobs), 32)]))  # warm-up
+        seconds = _timed(lambda: tensors.extend(pool.map(one, blobs)))
+    return len(blobs) / seconds, tensors
+
+
+def model_ceiling(model: Model, tensors: list[torch.Tensor], *, batch_size: int) -> float:
+    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    model.predict(batches[0])  # warm-up: kernels, autotuning, allocator
+    seconds = _timed(lambda: [model.predict(batch) for batch in batches])
+    return len(tensors) / seconds
+
+
+class Stack:
+    """moto's S3 server, the configured Redis and Postgres, and one worker process at a time."""
+
+    def __init__(self, settings: Settings, s3_endpoint: str | None) -> None:
+        self._server = None
+        if s3_endpoint is None:
+            self._server, s3_endpoint = start_moto()
+        self.settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint, "metrics_port": 0})
+        self.client = make_s3_client(self.settings)
+        self.engine: Engine = make_engine(settings.database_url)
+        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        self.client.create_bucket(Bucket=self.bucket)
+
+    def upload(self, prefix: str, blobs: list[bytes]) -> list[ObjectRef]:
+        def put(item: tuple[int, bytes]) -> ObjectRef:
+            key = f"{prefix}/{item[0]:07d}.jpg"
+            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=item[1])["ETag"].strip('"')
+            return ObjectRef(self.bucket, key, etag=etag, size=len(item[1]))
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(put, enumerate(blobs)))
+
+    def rows_under(self, prefix: str) -> int:
+        with self.engine.connect() as conn:
+            count = conn.scalar(
+                select(func.count()).where(
+                    Enrichment.bucket == self.bucket, Enrichment.key.startswith(prefix + "/")
+                )
+            )
+        return int(count or 0)
+
+    def start_worker(self, queue: str, *args: str) -> WorkerProcess:
+        worker = WorkerProcess(self.settings.model_copy(update={"queue": queue}), *args, quiet=True)
+        worker.wait_ready()
+        return worker
+
+    def end_to_end(self, blobs: list[bytes], *worker_args: str) -> tuple[float, WorkerProcess]:
+        """images/s from the first publish to the last committed row; returns the (running) worker."""
+        prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
+        refs = self.upload(prefix, blobs)
+        worker = self.start_worker(queue, *worker_args)
+        publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
+        started = time.perf_counter()
+        publisher.publish(refs)
+        while self.rows_under(prefix) < len(refs):
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.process.returncode}")
+            time.sleep(0.05)
+        return len(refs) / (time.perf_counter() - started), worker
+
+    def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
+        """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
+        prefix = f"lat-{uuid.uuid4().hex[:6]}"
+        publisher = JobPublisher(self.settings.model_copy(update={"queue": worker.settings.queue}))
+        uploaded: dict[str, float] = {}
+        lock = threading.Lock()
+
+        def upload_and_notify(index: int) -> None:
+            key = f"{prefix}/{index:07d}.jpg"
+            moment = time.time()
+            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=blobs[index])["ETag"].strip('"')
+            publisher.publish([ObjectRef(self.bucket, key, etag=etag)])
+            with lock:
+                uploaded[key] = moment
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            for index in range(len(blobs)):
+                delay = started + index / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(upload_and_notify, index)
+        while self.rows_under(prefix) < len(blobs):
+            time.sleep(0.05)
+        with self.engine.connect() as conn:
+            query = select(Enrichment.key, Enrichment.created_at).where(
+                Enrichment.bucket == self.bucket, Enrichment.key.startswith(prefix + "/")
+            )
+            written = {key: created for key, created in conn.execute(query)}
+        latencies = sorted((written[key].timestamp() - moment) * 1000 for key, moment in uploaded.items())
+        cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+        return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "offered_rate": rate}
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._server is not None:
+            self._server.stop()
+
+
+def run_bench(
+    settings: Settings,
+    model: Model,
+    blobs: list[bytes],
+    *,
+    label: str,
+    s3_endpoint: str | None,
+    end_to_end: bool,
+    naive_images: int,
+    latency_images: int,
+    say: Callable[[str], None],
+) -> BenchReport:
+    device = str(getattr(model, "device", settings.device))
+    report = BenchReport(label=label, images=len(blobs), device=device, batch_size=settings.batch_size)
+    rate, tensors = decode_ceiling(
+        model, blobs, threads=settings.fetch_threads, max_pixels=settings.max_image_pixels
+    )
+    report.rates["decode"] = rate
+    say(f"(b) decode ceiling: {rate:,.1f} images/s ({settings.fetch_threads} threads)")
+    report.rates["model"] = model_ceiling(model, tensors, batch_size=settings.batch_size)
+    say(f"(a) model ceiling: {report.rates['model']:,.1f} images/s")
+    del tensors
+    if not end_to_end:
+        return report
+    stack = Stack(settings, s3_endpoint)
+    try:
+        rate, worker = stack.end_to_end(blobs)
+        report.rates["end_to_end"] = rate
+        say(f"(c) end to end: {rate:,.1f} images/s")
+        try:
+            offered = max(rate / 2, 1.0)
+            report.latency_ms = stack.latency(worker, blobs[:latency_images], rate=offered)
+            say(
+                f"(d) latency at {offered:,.1f} images/s: "
+                + ", ".join(f"{k} {v:,.0f} ms" for k, v in report.latency_ms.items() if k != "offered_rate")
+            )
+            report.memory["worker peak RSS"] = worker.peak_rss_mib()
+            gpu = worker.metric("enrich_device_memory_peak_bytes")
+            if gpu == gpu and gpu > 0:  # NaN-safe
+                report.memory["worker peak GPU memory"] = gpu / 2**20
+        finally:
+            worker.stop()
+        if naive_images:
+            rate, naive = stack.end_to_end(blobs[:naive_images], "--batch-size", "1", "--concurrency", "1")
+            naive.stop()
+            report.rates["naive"] = rate
+            say(f"naive baseline (one image per task and per forward pass): {rate:,.1f} images/s")
+    finally:
+        stack.close()
+    return report
+
+
+def markdown_section(reports: list[BenchReport], command: str) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {when}: {machine_description()}", "", f"Command: `{command}`", ""]
+    for report in reports:
+        lines += [*report.lines(), ""]
+    return "\n".join(lines) + "\n"
