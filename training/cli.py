@@ -6,6 +6,7 @@ Also runnable as `python -m training {train,evaluate,pack}` where the rest of th
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -33,7 +34,10 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in sys.argv)
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):  # `python -m training ...`
+        argv[0] = "python -m training"
+    return " ".join([argv[0], *(shlex.quote(a) for a in argv[1:])]) if argv else ""
 
 
 def train_command(
@@ -130,12 +134,21 @@ def train_command(
         "model": f"{result.config.name} {result.config.version}",
         "dataset": f"{data_dir.name} (validation split)",
         "bundle": str(out),
-        "split": result.config.data.get("split"),
+        "split": _split_summary(result.config.data.get("split") or {}),
         "device": result.config.training.get("device"),
     }
     write_report(result.evaluation, out / "report", meta=meta, history=result.history)
     _print_summary(result.evaluation.to_dict())
     console.print(f"bundle written to [bold]{out}[/]")
+
+
+def _split_summary(split: dict[str, object]) -> str:
+    forced = split.get("force_val_ids") or []
+    assert isinstance(forced, list)
+    return (
+        f"stratified by articleType, val_fraction {split.get('val_fraction')}, seed {split.get('seed')}, "
+        f"{len(forced)} ids forced into validation; {split.get('n_train')} train / {split.get('n_val')} val"
+    )
 
 
 def _print_summary(report: dict[str, object]) -> None:
@@ -174,6 +187,9 @@ def evaluate_command(
     device: str = "cpu",
     batch_size: int = 64,
     limit: Annotated[int | None, typer.Option(help="Score only the first N rows (by id).")] = None,
+    stratified_only: Annotated[
+        bool, typer.Option(help="With --split val: leave out the ids forced into validation (hold-outs).")
+    ] = False,
     decode_workers: int = 0,
 ) -> None:
     """Score a bundle on a labelled catalogue: per-field accuracy, macro-F1, ECE; caption BLEU/exact match."""
@@ -202,6 +218,10 @@ def evaluate_command(
         )
         items = val_items if split == "val" else train_items
         expected = recorded.get(f"n_{split}")
+        if stratified_only:
+            forced = set(recorded.get("force_val_ids") or [])
+            items = [it for it in items if it.id not in forced]
+            expected = None if expected is None else expected - len(forced)
         if expected is not None and expected != len(items):
             console.print(f"[yellow]warning: {len(items)} {split} items, the bundle recorded {expected}[/]")
     else:
@@ -231,12 +251,17 @@ def evaluate_command(
         "model": f"{model.name} {model.version}",
         "dataset": f"{data_dir.name} ({split})",
         "bundle": str(bundle),
-        "split": split,
+        "split": split + (" (stratified part only)" if stratified_only else ""),
         "device": str(model.device),
         "seconds": round(time.time() - started, 1),
         "read": report.to_dict(),
     }
     path = write_report(evaluation, out, meta=meta, history=history)
+    with (out / "predictions.jsonl").open("w") as fh:
+        for i, item_id in enumerate(evaluation.ids):
+            row = {"id": item_id, "title": evaluation.titles[i], "caption": evaluation.captions[i]}
+            row.update({f: evaluation.pred[f][i] for f in evaluation.pred})
+            fh.write(json.dumps(row) + "\n")
     _print_summary(evaluation.to_dict())
     console.print(f"report written to [bold]{path}[/]")
 

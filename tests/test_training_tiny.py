@@ -1,0 +1,184 @@
+"""A tiny end-to-end training run on CPU: a synthetic catalogue of a few hundred images.
+
+Checks what CI can afford to check: the loss falls, the bundle round-trips, and the worker's
+`load_bundle` + `predict` give exactly what training-time evaluation computed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from schema.results import FIELDS
+from training.data import read_catalogue
+from training.pack import SplitRecipe, open_catalogue
+from training.tensors import decode_images
+from training.trainer import Recipe, TrainResult, train
+from worker.model import clear_cache, load_bundle
+
+HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
+COLOURS = {"Red": (200, 30, 30), "Blue": (30, 60, 200), "Black": (20, 20, 20)}
+# articleType -> (masterCategory, subCategory, shape drawn)
+TYPES = {
+    "Tshirts": ("Apparel", "Topwear", "rect"),
+    "Watches": ("Accessories", "Watches", "ellipse"),
+    "Casual Shoes": ("Footwear", "Shoes", "wide"),
+}
+BRANDS = ["Nike", "Puma"]
+
+
+def _draw(colour: tuple[int, int, int], shape: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (60, 80), (255, 255, 255))
+    d = ImageDraw.Draw(image)
+    dx, dy = rng.randint(-4, 4), rng.randint(-4, 4)
+    if shape == "rect":
+        d.rectangle((12 + dx, 15 + dy, 48 + dx, 65 + dy), fill=colour)
+    elif shape == "ellipse":
+        d.ellipse((15 + dx, 20 + dy, 45 + dx, 60 + dy), fill=colour)
+    else:
+        d.rectangle((5 + dx, 45 + dy, 55 + dx, 62 + dy), fill=colour)
+    return image
+
+
+def make_catalogue(root: Path, n: int = 200, seed: int = 0) -> Path:
+    """Labels that the image shows (shape -> type, fill -> colour, brand -> a corner mark)."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(1, n + 1):
+        colour = rng.choice(list(COLOURS))
+        article = rng.choice(list(TYPES))
+        brand = rng.choice(BRANDS)
+        master, sub, shape = TYPES[article]
+        gender = "Men" if shape != "ellipse" else "Women"
+        image = _draw(COLOURS[colour], shape, rng)
+        if brand == "Nike":
+            ImageDraw.Draw(image).rectangle((0, 0, 8, 8), fill=(0, 160, 0))
+        image.save(root / "images" / f"{i}.jpg", quality=90)
+        title = f"{brand} {gender} {colour} {article}"
+        lines.append(f"{i},{gender},{master},{sub},{article},{colour},Summer,2012,Casual,{title}")
+    (root / "styles.csv").write_text(HEADER + "\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path]:
+    torch.set_num_threads(2)
+    root = make_catalogue(tmp_path_factory.mktemp("catalogue"))
+    dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
+    recipe = Recipe(
+        name="tiny",
+        version="0.0.1",
+        input_size=(64, 48),
+        epochs=4,
+        batch_size=32,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_tokens=8,
+        min_word_frequency=1,
+        pretrained=False,  # no weights file needed; a random lite0 still learns these shapes
+        drop_path_rate=0.0,
+        weights_dtype="float16",  # exercises the in-place rounding that keeps training and serving equal
+    )
+    out = tmp_path_factory.mktemp("bundle")
+    result = train(
+        dataset.train,
+        dataset.val,
+        dataset.source,
+        recipe,
+        out,
+        device="cpu",
+        data_info=dataset.info,
+        command="pytest",
+        decode_workers=1,
+    )
+    return result, root
+
+
+def test_loss_falls(trained: tuple[TrainResult, Path]) -> None:
+    result, _ = trained
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bundle_round_trip_predicts_like_training(trained: tuple[TrainResult, Path]) -> None:
+    result, root = trained
+    clear_cache()
+    model = load_bundle(result.bundle)
+    assert model.name == "tiny" and model.version == "0.0.1"
+    assert model.config.data["split"]["n_val"] == result.evaluation.n_images
+    items = {it.id: it for it in read_catalogue(root)[0]}
+    val = [items[i] for i in result.evaluation.ids]
+    images = decode_images([str(it.image) for it in val], model.config.preprocessing, workers=1)
+    raw = model.infer(images)
+    for f in FIELDS:
+        assert torch.allclose(raw.probs[f], result.raw_val.probs[f], atol=1e-5), f
+    assert raw.captions == result.raw_val.captions
+    preds = model.predict(images)
+    for i, p in enumerate(preds):
+        assert p.caption == result.evaluation.captions[i]
+        for f in FIELDS:
+            # Training-time evaluation scores the arg-max; serving reports it unless below the threshold.
+            fp = p.fields[f]
+            assert fp.top_k[0][0] == result.evaluation.pred[f][i] or f in ("masterCategory", "subCategory")
+            assert fp.value is None or fp.confidence >= model.config.thresholds.get(f, 0.0)
+
+
+def test_metrics_recorded_and_evaluate_command(trained: tuple[TrainResult, Path], tmp_path: Path) -> None:
+    result, root = trained
+    config = json.loads((result.bundle / "config.json").read_text())
+    assert (
+        config["metrics"]["fields"]["articleType"]["accuracy"]
+        == result.evaluation.fields["articleType"]["accuracy"]
+    )
+    assert set(config["temperatures"]) == {"gender", "baseColour", "season", "usage", "articleType"}
+    assert result.evaluation.fields["articleType"]["accuracy"] > 0.5  # three shapes: far above chance
+
+    from training.cli import evaluate_command
+
+    clear_cache()
+    evaluate_command(root, bundle=result.bundle, out=tmp_path / "eval", split="val", decode_workers=1)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n_images"] == result.evaluation.n_images
+    for f in FIELDS:
+        for key in ("accuracy", "macro_f1", "ece"):
+            assert key in report["fields"][f]
+        assert report["fields"][f]["accuracy"] == pytest.approx(result.evaluation.fields[f]["accuracy"])
+    for key in ("bleu", "exact_match", "template_bleu"):
+        assert key in report["caption"]
+    assert (tmp_path / "eval" / "report.md").exists()
+    assert (tmp_path / "eval" / "fields.png").exists()
+    assert (tmp_path / "eval" / "training_curves.png").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_on_gpu(tmp_path: Path) -> None:
+    root = make_catalogue(tmp_path / "c", n=96)
+    dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
+    recipe = Recipe(
+        input_size=(64, 48),
+        epochs=1,
+        batch_size=32,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_tokens=8,
+        pretrained=False,
+        min_word_frequency=1,
+    )
+    result = train(
+        dataset.train, dataset.val, dataset.source, recipe, tmp_path / "b", device="cuda", decode_workers=1
+    )
+    assert result.history and result.evaluation.n_images == len(dataset.val)
