@@ -142,3 +142,20 @@ def test_cuda_matches_cpu(bundle: Path) -> None:
         assert a.fields["articleType"].confidence == pytest.approx(
             b.fields["articleType"].confidence, abs=0.05
         )
+
+
+def test_flip_tta_changes_only_the_heads(tmp_path: Path) -> None:
+    clear_cache()
+    path = write_random_bundle(tmp_path / "b")
+    plain = load_bundle(path)
+    batch = torch.stack([plain.preprocess(im) for im in _images(2)])
+    a = plain.infer(batch)
+    clear_cache()
+    raw = json.loads((path / "config.json").read_text())
+    raw["flip_tta"] = True
+    (path / "config.json").write_text(json.dumps(raw))
+    tta = load_bundle(path)
+    assert tta.config.flip_tta
+    b = tta.infer(batch)
+    assert a.captions == b.captions
+    assert not torch.allclose(a.probs["articleType"], b.probs["articleType"])

@@ -81,6 +81,9 @@ class EnrichModel:
             x = normalize(self._to_device(batch), self.config.preprocessing)
             fmap = self.net.features(x)
             logits = self.net.head_logits(fmap)
+            if self.config.flip_tta:
+                mirrored = self.net.head_logits(self.net.features(x.flip(3)))
+                logits = {f: (logits[f] + mirrored[f]) / 2 for f in logits}
             ids, conf = self.net.decoder.greedy(
                 self.net.memory(fmap), bos=self.codec.bos, eos=self.codec.eos, pad=self.codec.pad
             )

@@ -79,6 +79,9 @@ class BundleConfig:
     thresholds: dict[str, float] = field(default_factory=dict)  # FIELDS -> min confidence to report
     temperatures: dict[str, float] = field(default_factory=dict)  # HEAD_FIELDS -> logit divisor
     top_k: int = 3
+    # Average the head logits of the image and its mirror image (the caption uses the image as is):
+    # a second backbone pass for a steadier classification.
+    flip_tta: bool = False
     weights_dtype: str = "float32"  # dtype of the tensors in model.safetensors
     data: dict[str, Any] = field(default_factory=dict)  # training data fingerprint, split recipe
     training: dict[str, Any] = field(default_factory=dict)  # command, recipe, machine, duration
@@ -109,6 +112,7 @@ class BundleConfig:
             thresholds={k: float(v) for k, v in d.get("thresholds", {}).items()},
             temperatures={k: float(v) for k, v in d.get("temperatures", {}).items()},
             top_k=int(d.get("top_k", 3)),
+            flip_tta=bool(d.get("flip_tta", False)),
             weights_dtype=str(d.get("weights_dtype", "float32")),
             data=dict(d.get("data", {})),
             training=dict(d.get("training", {})),
