@@ -12,7 +12,7 @@ import torch
 
 from schema.results import FIELDS
 from training.data import Item
-from training.metrics import accuracy, ece, macro_f1
+from training.metrics import accuracy, ece, macro_f1, pick_threshold
 from worker.model.bundle import EnrichModel, RawOutput
 
 
@@ -125,3 +125,17 @@ def score(raw: RawOutput, items: Sequence[Item], thresholds: dict[str, float]) -
         titles=[it.title for it in items],
         ids=[it.id for it in items],
     )
+
+
+def fit_thresholds(
+    raw: RawOutput, items: Sequence[Item], *, precision: float, cap: float
+) -> dict[str, float]:
+    """Per-field confidence thresholds from validation outputs (see metrics.pick_threshold)."""
+    scored = score(raw, items, {})
+    out: dict[str, float] = {}
+    for f in scored.fields:
+        conf = raw.probs[f].numpy().max(axis=1)
+        has = np.array([t is not None for t in scored.true[f]])
+        correct = np.array([p == t for p, t in zip(scored.pred[f], scored.true[f], strict=True)], dtype=float)
+        out[f] = pick_threshold(conf[has], correct[has], precision=precision, cap=cap)
+    return out

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -25,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from schema.results import HEAD_FIELDS
 from training.augment import augment
 from training.data import Item
-from training.evaluate import Evaluation, run_model, score
-from training.metrics import fit_temperature, pick_threshold
+from training.evaluate import Evaluation, fit_thresholds, run_model, score
+from training.metrics import fit_temperature
 from training.pretrained import load_imagenet
 from training.tensors import (
     IGNORE,
@@ -396,20 +395,11 @@ def train(
 
     model = EnrichModel(chosen, config, codec, dev)
     raw = run_model(model, va_images.cpu(), batch_size=256) if len(va_images) else None
-    thresholds: dict[str, float] = {}
-    if raw is not None:
-        first = score(raw, val_items, {})
-        for f in first.fields:
-            probs = raw.probs[f].numpy()
-            conf = probs.max(axis=1)
-            correct = [p == t for p, t in zip(first.pred[f], first.true[f], strict=True)]
-            has = np.array([t is not None for t in first.true[f]])
-            thresholds[f] = pick_threshold(
-                conf[has],
-                np.array(correct)[has].astype(float),
-                precision=recipe.threshold_precision,
-                cap=recipe.threshold_cap,
-            )
+    thresholds = (
+        fit_thresholds(raw, val_items, precision=recipe.threshold_precision, cap=recipe.threshold_cap)
+        if raw is not None
+        else {}
+    )
     training_info = {
         "command": command,
         "recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(recipe).items()},
