@@ -9,8 +9,6 @@ and a naive baseline: the same stack with one image per task and one forward pas
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import threading
 import time
@@ -20,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import torch
 from sqlalchemy import Engine, func, select
 
+from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
 from enrich.stack import WorkerProcess, start_moto
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
@@ -30,7 +28,6 @@ from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
-from worker.decode import decode_image
 from worker.pipeline import Model
 
 
@@ -72,45 +69,6 @@ class BenchReport:
         rows += [f"| upload-to-row latency {name} | {value:,.0f} ms |" for name, value in latency.items()]
         rows += [f"| {name} | {value:,.0f} MiB |" for name, value in self.memory.items()]
         return rows
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
-
-
-def _timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
-def decode_ceiling(
-    model: Model, blobs: list[bytes], *, threads: int, max_pixels: int
-) -> tuple[float, list[torch.Tensor]]:
-    def one(data: bytes) -> torch.Tensor:
-        return model.preprocess(decode_image(data, max_pixels=max_pixels, target_size=model.image_size).image)
-
-    tensors: list[torch.Tensor] = []
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, blobs[: min(len(blobs), 32)]))  # warm-up
-        seconds = _timed(lambda: tensors.extend(pool.map(one, blobs)))
-    return len(blobs) / seconds, tensors
-
-
-def model_ceiling(model: Model, tensors: list[torch.Tensor], *, batch_size: int) -> float:
-    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
-    model.predict(batches[0])  # warm-up: kernels, autotuning, allocator
-    seconds = _timed(lambda: [model.predict(batch) for batch in batches])
-    return len(tensors) / seconds
 
 
 class Stack:
