@@ -35,6 +35,7 @@ def run_model(
     return RawOutput(
         probs={f: torch.cat([p.probs[f] for p in parts]) for f in parts[0].probs},
         labels=parts[0].labels,
+        best={f: torch.cat([p.best[f] for p in parts]) for f in parts[0].best},
         captions=[c for p in parts for c in p.captions],
         caption_confidence=torch.cat([p.caption_confidence for p in parts]),
     )
@@ -74,8 +75,8 @@ def score(raw: RawOutput, items: Sequence[Item], thresholds: dict[str, float]) -
     for f in FIELDS:
         labels = raw.labels[f]
         probs = raw.probs[f].numpy()
-        best = probs.argmax(axis=1)
-        conf = probs.max(axis=1)
+        best = raw.best[f].numpy()  # what serving reports (derived fields follow articleType)
+        conf = probs[np.arange(len(best)), best]
         pred[f] = [labels[i] for i in best]
         true[f] = [it.labels.get(f) for it in items]
         has = np.array([t is not None for t in true[f]])
@@ -134,7 +135,8 @@ def fit_thresholds(
     scored = score(raw, items, {})
     out: dict[str, float] = {}
     for f in scored.fields:
-        conf = raw.probs[f].numpy().max(axis=1)
+        best = raw.best[f].numpy()
+        conf = raw.probs[f].numpy()[np.arange(len(best)), best]
         has = np.array([t is not None for t in scored.true[f]])
         correct = np.array([p == t for p, t in zip(scored.pred[f], scored.true[f], strict=True)], dtype=float)
         out[f] = pick_threshold(conf[has], correct[has], precision=precision, cap=cap)

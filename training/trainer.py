@@ -426,6 +426,6 @@ def train(
         bundle=out,
         config=config,
         evaluation=evaluation,
-        raw_val=raw if raw is not None else RawOutput({}, {}, [], torch.zeros(0)),
+        raw_val=raw if raw is not None else RawOutput({}, {}, {}, [], torch.zeros(0)),
         history=history,
     )

@@ -38,10 +38,12 @@ def derived_matrix(config: BundleConfig, field: str) -> tuple[torch.Tensor, list
 
 @dataclass
 class RawOutput:
-    """Calibrated class probabilities per field (FIELDS, on CPU) and the decoded captions."""
+    """Calibrated class probabilities per field (FIELDS, on CPU), the class each field reports, and the
+    decoded captions. `best` is the one rule for the reported value, shared by serving and evaluation."""
 
     probs: dict[str, torch.Tensor]
     labels: dict[str, list[str]]
+    best: dict[str, torch.Tensor]  # field -> long (N,): index into labels[field]
     captions: list[str]
     caption_confidence: torch.Tensor
 
@@ -89,17 +91,23 @@ class EnrichModel:
             )
             probs = {f: torch.softmax(logits[f].float() / self._temps[f], dim=-1).cpu() for f in HEAD_FIELDS}
         labels = {f: self.config.labels[f] for f in HEAD_FIELDS}
+        best = {f: probs[f].argmax(dim=1) for f in HEAD_FIELDS}
         for f, (matrix, values) in self._derived.items():
             probs[f] = probs["articleType"] @ matrix
             labels[f] = values
+            # Consistent with the reported articleType: the value its best class maps to (whose confidence
+            # is the summed probability of every articleType mapping to that value).
+            best[f] = matrix.argmax(dim=1)[best["articleType"]]
         captions = [self.codec.decode(row) for row in ids.cpu().tolist()]
-        return RawOutput(probs=probs, labels=labels, captions=captions, caption_confidence=conf.float().cpu())
+        return RawOutput(
+            probs=probs, labels=labels, best=best, captions=captions, caption_confidence=conf.float().cpu()
+        )
 
     def predict(self, batch: torch.Tensor) -> list[ImagePrediction]:
         raw = self.infer(batch)
         k = self.config.top_k
         top = {f: raw.probs[f].topk(min(k, raw.probs[f].size(1)), dim=1) for f in FIELDS}
-        article_best = raw.probs["articleType"].argmax(dim=1).tolist()
+        best = {f: raw.best[f].tolist() for f in FIELDS}
         out: list[ImagePrediction] = []
         for i in range(len(raw.captions)):
             fields: dict[str, FieldPrediction] = {}
@@ -109,13 +117,8 @@ class EnrichModel:
                     (raw.labels[f][j], float(p))
                     for j, p in zip(idx[i].tolist(), vals[i].tolist(), strict=True)
                 )
-                if f in DERIVED_FIELDS:
-                    # Consistent with the reported articleType: the value its best class maps to, with the
-                    # summed probability of every articleType mapping to that value as the confidence.
-                    value = self.config.derived[f][self.config.labels["articleType"][article_best[i]]]
-                    conf = float(raw.probs[f][i, raw.labels[f].index(value)])
-                else:
-                    value, conf = top_k[0]
+                value = raw.labels[f][best[f][i]]
+                conf = float(raw.probs[f][i, best[f][i]])
                 threshold = self.config.thresholds.get(f, 0.0)
                 fields[f] = FieldPrediction(
                     value=value if conf >= threshold else None, confidence=conf, top_k=top_k
