@@ -30,7 +30,9 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.device_memory_peak = Gauge(
-            "enrich_device_memory_peak_bytes", "Peak GPU memory allocated by this process", registry=self.registry
+            "enrich_device_memory_peak_bytes",
+            "Peak GPU memory allocated by this process",
+            registry=self.registry,
         )
         self.stage_seconds = Histogram(
             "enrich_stage_seconds", "Wall time of a batch stage", ["stage"], registry=self.registry
