@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from enrich.stack import settings_env
 from schema.results import FIELDS
 from schema.settings import Settings
-from tests.conftest import REPO, sample_jpegs, settings_env
+from tests.conftest import REPO, sample_jpegs
 
 
 def enrich(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -18,11 +18,12 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from enrich.stack import settings_env
 from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, REPO, s3_client, sample_jpegs, settings_env, wait_for
+from tests.conftest import REDIS_URL, REPO, s3_client, sample_jpegs, wait_for
 
 # Keys that break naive handling: spaces, '+', unicode, characters that URL-encoding changes.
 AWKWARD_KEYS = [

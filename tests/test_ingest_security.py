@@ -128,7 +128,8 @@ def test_secrets_never_appear_in_settings_reprs_or_worker_logs(settings: Setting
     import subprocess
     import sys
 
-    from tests.conftest import REPO, settings_env
+    from enrich.stack import settings_env
+    from tests.conftest import REPO
 
     secret_settings = settings.model_copy(
         update={
