@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import redis
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
-from enrich.stack import WorkerProcess, free_port
+from enrich.stack import WorkerProcess, free_port, settings_env
 from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.settings import Settings
@@ -136,6 +138,19 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def enrich_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `enrich ARGS` as a user would, in a child process that reads `settings` from its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "enrich.cli", *args],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+    )
 
 
 def sample_jpegs(n: int) -> list[bytes]:

@@ -5,28 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from enrich.stack import settings_env
 from schema.results import FIELDS
 from schema.settings import Settings
-from tests.conftest import REPO, sample_jpegs
-
-
-def enrich(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "enrich.cli", *args],
-        env=settings_env(settings),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=check,
-    )
+from tests.conftest import enrich_cli, sample_jpegs
 
 
 @pytest.fixture
@@ -40,10 +25,10 @@ def sqlite_settings(tmp_path: Path, random_bundle: Path) -> Settings:
 
 
 def test_help_names_every_command(sqlite_settings: Settings) -> None:
-    top = enrich(sqlite_settings, "--help").stdout
+    top = enrich_cli(sqlite_settings, "--help").stdout
     for command in ("run", "worker", "ingest", "query", "db", "train", "evaluate"):
         assert command in top
-    ingest = enrich(sqlite_settings, "ingest", "--help").stdout
+    ingest = enrich_cli(sqlite_settings, "ingest", "--help").stdout
     for command in ("webhook", "sqs", "backfill"):
         assert command in ingest
 
@@ -57,11 +42,11 @@ def test_run_a_folder_into_sqlite_then_query_json_csv_and_filters(
         (folder / f"p{i}.jpg").write_bytes(data)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
 
-    run = enrich(sqlite_settings, "run", str(folder))
+    run = enrich_cli(sqlite_settings, "run", str(folder))
     assert "6 images" in run.stderr and "failed_decode 1" in run.stderr and "ok 5" in run.stderr
     assert "p0.jpg" in run.stdout and "broken.jpg" in run.stdout  # the table of results
 
-    lines = enrich(sqlite_settings, "query", "--format", "json").stdout.splitlines()
+    lines = enrich_cli(sqlite_settings, "query", "--format", "json").stdout.splitlines()
     documents = {doc["key"]: doc for doc in map(json.loads, lines)}
     assert set(documents) == {f"p{i}.jpg" for i in range(5)} | {"broken.jpg"}
     good = documents["p0.jpg"]
@@ -73,21 +58,23 @@ def test_run_a_folder_into_sqlite_then_query_json_csv_and_filters(
     assert good["status"] == "ok" and good["bucket"] == str(folder.resolve())
     assert documents["broken.jpg"]["status"] == "failed_decode" and documents["broken.jpg"]["error"]
 
-    failed = enrich(sqlite_settings, "query", "--status", "failed", "--format", "csv").stdout
+    failed = enrich_cli(sqlite_settings, "query", "--status", "failed", "--format", "csv").stdout
     assert [row["key"] for row in csv.DictReader(io.StringIO(failed))] == ["broken.jpg"]
     article = good["articleType"]["value"]
-    same = enrich(sqlite_settings, "query", "--where", f"articleType={article}", "--format", "json").stdout
+    same = enrich_cli(
+        sqlite_settings, "query", "--where", f"articleType={article}", "--format", "json"
+    ).stdout
     assert good["key"] in same and all(
         json.loads(x)["articleType"]["value"] == article for x in same.splitlines()
     )
-    assert enrich(sqlite_settings, "query", "--since", "1h", "--format", "json").stdout.count("\n") == 6
-    assert enrich(sqlite_settings, "query", "--until", "1h", "--format", "json").stdout == ""
+    assert enrich_cli(sqlite_settings, "query", "--since", "1h", "--format", "json").stdout.count("\n") == 6
+    assert enrich_cli(sqlite_settings, "query", "--until", "1h", "--format", "json").stdout == ""
 
-    bad = enrich(sqlite_settings, "query", "--where", "colour", check=False)
+    bad = enrich_cli(sqlite_settings, "query", "--where", "colour", check=False)
     assert bad.returncode != 0 and "FIELD=VALUE" in bad.stderr
 
 
 def test_db_upgrade_on_the_real_postgres_is_idempotent(settings: Settings) -> None:
-    first = enrich(settings, "db", "upgrade")
-    second = enrich(settings, "db", "upgrade")
+    first = enrich_cli(settings, "db", "upgrade")
+    second = enrich_cli(settings, "db", "upgrade")
     assert "revision 0002" in first.stdout and "revision 0002" in second.stdout

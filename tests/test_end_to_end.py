@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import boto3
 import httpx
@@ -18,12 +16,11 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from enrich.stack import settings_env
 from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, REPO, s3_client, sample_jpegs, wait_for
+from tests.conftest import REDIS_URL, enrich_cli, s3_client, sample_jpegs, wait_for
 
 # Keys that break naive handling: spaces, '+', unicode, characters that URL-encoding changes.
 AWKWARD_KEYS = [
@@ -53,18 +50,6 @@ def unacked_for(queue: str) -> int:
     entries = client.hvals("unacked")
     client.close()
     return sum(1 for entry in entries if json.loads(entry)[2] == queue)
-
-
-def enrich_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "enrich.cli", *args],
-        env=settings_env(settings),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
 
 
 def test_put_object_notified_to_sqs_ends_as_rows_via_ingest_sqs_and_worker(

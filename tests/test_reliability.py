@@ -24,8 +24,8 @@ from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, wait_for
-from tests.test_end_to_end import enrich_cli, put_images, rows, unacked_for
+from tests.conftest import REDIS_URL, enrich_cli, wait_for
+from tests.test_end_to_end import put_images, rows, unacked_for
 from worker.pipeline import Job
 from worker.runtime import build_pipeline, load_model
 from worker.storage import S3Store
