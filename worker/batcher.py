@@ -12,9 +12,9 @@ import threading
 import time
 from concurrent.futures import Future
 
-from worker.pipeline import Job, Outcome, Pipeline, _Prepared
+from worker.pipeline import Job, Outcome, Pipeline, Prepared
 
-_Batch = tuple[list[_Prepared], list["Future[Outcome]"]]
+_Batch = tuple[list[Prepared], list["Future[Outcome]"]]
 
 
 class MicroBatcher:

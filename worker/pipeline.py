@@ -36,6 +36,13 @@ class Model(Protocol):
     def predict(self, batch: torch.Tensor) -> list[ImagePrediction]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    ref: ObjectRef
+    # On the last attempt a transient failure is recorded as a failed row instead of retried.
+    final_attempt: bool = False
+
+
 @dataclass(slots=True)
 class Outcome:
     """How one job ended in this batch."""
@@ -56,19 +63,14 @@ class Outcome:
 
 
 @dataclass(slots=True)
-class _Prepared:
+class Prepared:
+    """A job between the two stages: decoded pixels, or already a result (failure) or a retry."""
+
     job: Job
     pixels: torch.Tensor | None = None
     result: EnrichmentResult | None = None
     retry_reason: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    ref: ObjectRef
-    # On the last attempt a transient failure is recorded as a failed row instead of retried.
-    final_attempt: bool = False
 
 
 class Pipeline:
@@ -100,13 +102,13 @@ class Pipeline:
 
     # -- stage 1: skip, fetch and decode (CPU, threaded) ------------------------------------------------
 
-    def prepare(self, jobs: Sequence[Job]) -> list[_Prepared]:
+    def prepare(self, jobs: Sequence[Job]) -> list[Prepared]:
         started = time.perf_counter()
         done = self._already_enriched([job.ref for job in jobs])
         todo = [job for job in jobs if job.ref not in done]
         fetched = iter(list(self._pool.map(self._fetch_and_decode, todo)))
         # A job whose image is already enriched keeps neither result nor pixels: it ends as skipped.
-        prepared = [_Prepared(job=job) if job.ref in done else next(fetched) for job in jobs]
+        prepared = [Prepared(job=job) if job.ref in done else next(fetched) for job in jobs]
         self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
         return prepared
 
@@ -118,8 +120,8 @@ class Pipeline:
             # Not fatal: the sink's upsert is idempotent on its own; this check only saves GPU time.
             return set()
 
-    def _fetch_and_decode(self, job: Job) -> _Prepared:
-        item = _Prepared(job=job)
+    def _fetch_and_decode(self, job: Job) -> Prepared:
+        item = Prepared(job=job)
         ref = job.ref
         started = time.perf_counter()
         try:
@@ -183,11 +185,11 @@ class Pipeline:
 
     # -- stage 2: one forward pass, then one database round trip -----------------------------------------
 
-    def infer_and_sink(self, prepared: list[_Prepared]) -> list[Outcome]:
+    def infer_and_sink(self, prepared: list[Prepared]) -> list[Outcome]:
         ready = [item for item in prepared if item.pixels is not None]
         if ready:
             self._infer(ready)
-        results = [item.result for item in prepared if item.result is not None and item.retry_reason is None]
+        results = [item.result for item in prepared if item.result is not None]
         outcomes = [self._outcome(item) for item in prepared]
         if results:
             started = time.perf_counter()
@@ -211,14 +213,14 @@ class Pipeline:
                 self.metrics.retries.labels("fetch").inc()
         return outcomes
 
-    def _outcome(self, item: _Prepared) -> Outcome:
+    def _outcome(self, item: Prepared) -> Outcome:
         if item.retry_reason is not None:
             return Outcome(ref=item.job.ref, retry_reason=item.retry_reason)
         if item.result is None:
             return Outcome(ref=item.job.ref, skipped=True)
         return Outcome(ref=item.job.ref, result=item.result)
 
-    def _infer(self, ready: list[_Prepared]) -> None:
+    def _infer(self, ready: list[Prepared]) -> None:
         started = time.perf_counter()
         batch = torch.stack([item.pixels for item in ready if item.pixels is not None])
         predictions: list[ImagePrediction | str]
@@ -239,9 +241,7 @@ class Pipeline:
             item.result.timings_ms = {**item.timings_ms, "infer_batch": elapsed_ms, "batch_size": len(ready)}
         self.metrics.stage_seconds.labels("infer").observe(elapsed_ms / 1000)
 
-    def _infer_one_by_one(
-        self, ready: list[_Prepared], batch_error: Exception
-    ) -> list[ImagePrediction | str]:
+    def _infer_one_by_one(self, ready: list[Prepared], batch_error: Exception) -> list[ImagePrediction | str]:
         """A failed batch is retried image by image, so one poison input fails alone."""
         outcomes: list[ImagePrediction | str] = []
         for item in ready:
