@@ -8,7 +8,6 @@ from schema.db import make_engine, make_session_factory
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
-from worker.device import resolve_device
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Model, Pipeline
 from worker.storage import ObjectStore, S3Store
@@ -17,7 +16,7 @@ from worker.storage import ObjectStore, S3Store
 def load_model(settings: Settings) -> Model:
     from worker.model import load_bundle  # torch-heavy; imported only where a model is needed
 
-    return load_bundle(settings.model_bundle, device=resolve_device(settings.device))
+    return load_bundle(settings.model_bundle, device=settings.device)
 
 
 def build_pipeline(

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from schema.results import DERIVED_FIELDS, FIELDS, HEAD_FIELDS, FieldPrediction, ImagePrediction
+from worker.device import resolve_device as resolve_device_name
 from worker.model.config import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, BundleConfig
 from worker.model.network import EnrichNet, create_model
 from worker.model.preprocess import normalize, preprocess_image
@@ -20,9 +21,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    # One rule for "auto", and every load path refuses CUDA in a forked child.
+    return torch.device(resolve_device_name(device))
 
 
 def derived_matrix(config: BundleConfig, field: str) -> tuple[torch.Tensor, list[str]]:
