@@ -10,13 +10,17 @@ import threading
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from schema.settings import Settings
+
+if TYPE_CHECKING:
+    from schema.repository import EnrichmentQuery
+    from schema.tables import Enrichment
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 ingest_app = typer.Typer(help="Turn bucket events into jobs on the Redis queue.", no_args_is_help=True)
@@ -232,22 +236,15 @@ def retry(
     """Queue the dead-lettered jobs again (the latest row of each image is a failure). Each new outcome
     replaces its failed row; `attempts` counts the tries."""
     from ingest.publisher import JobPublisher
-    from schema.db import make_engine, make_session_factory
-    from schema.repository import EnrichmentQuery, query_enrichments
+    from schema.repository import EnrichmentQuery
     from schema.results import ObjectRef
 
     if status != "failed" and not status.startswith("failed_"):
         raise typer.BadParameter("only failures can be retried: failed or failed_*")
     settings = _settings()
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            found = query_enrichments(
-                session=session,
-                query=EnrichmentQuery(status=status, bucket=bucket, key_prefix=prefix, limit=limit),
-            )
-    finally:
-        engine.dispose()
+    found = _query_rows(
+        settings, EnrichmentQuery(status=status, bucket=bucket, key_prefix=prefix, limit=limit)
+    )
     refs = [ObjectRef(r.bucket, r.key, version_id=r.version_id, etag=r.etag, size=r.size) for r in found]
     report = JobPublisher(settings).publish(refs)
     console.print(f"queued {report.published} failed jobs on '{settings.queue}'")
@@ -404,23 +401,30 @@ def query(
     )
 
 
+def _query_rows(settings: Settings, query: EnrichmentQuery) -> list[Enrichment]:
+    """One short-lived engine per command: the CLI runs a query and exits."""
+    from schema.db import make_engine, make_session_factory
+    from schema.repository import query_enrichments
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return query_enrichments(session=session, query=query)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    finally:
+        engine.dispose()
+
+
 def _print_rows(settings: Settings, *, output: OutputFormat, limit: int, **filters: object) -> None:
     from enrich.output import to_csv, to_json_lines, to_table
-    from schema.db import make_engine, make_session_factory
-    from schema.repository import EnrichmentQuery, query_enrichments
+    from schema.repository import EnrichmentQuery
 
     try:
         enrichment_query = EnrichmentQuery(limit=limit, **filters)  # type: ignore[arg-type]
     except TypeError as error:
         raise typer.BadParameter(str(error)) from None
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            rows = query_enrichments(session=session, query=enrichment_query)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
-    finally:
-        engine.dispose()
+    rows = _query_rows(settings, enrichment_query)
     if output is OutputFormat.json:
         sys.stdout.write(to_json_lines(rows))
     elif output is OutputFormat.csv:
