@@ -29,6 +29,7 @@ from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
 from worker.pipeline import Model
+from worker.runtime import build_decoder
 
 
 @dataclass
@@ -174,11 +175,15 @@ def run_bench(
 ) -> BenchReport:
     device = str(getattr(model, "device", settings.device))
     report = BenchReport(label=label, images=len(blobs), device=device, batch_size=settings.batch_size)
-    rate, tensors = decode_ceiling(
-        model, blobs, threads=settings.fetch_threads, max_pixels=settings.max_image_pixels
-    )
+    decoder = build_decoder(settings, model)
+    try:
+        rate, tensors = decode_ceiling(decoder, blobs, threads=settings.fetch_threads)
+    finally:
+        decoder.close()
     report.rates["decode"] = rate
-    say(f"(b) decode ceiling: {rate:,.1f} images/s ({settings.fetch_threads} threads)")
+    processes = settings.effective_decode_processes
+    how = f"{processes} processes" if processes else f"{settings.fetch_threads} threads"
+    say(f"(b) decode ceiling: {rate:,.1f} images/s ({how})")
     report.rates["model"] = model_ceiling(model, tensors, batch_size=settings.batch_size)
     say(f"(a) model ceiling: {report.rates['model']:,.1f} images/s")
     del tensors

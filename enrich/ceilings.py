@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.decode import decode_image
+from worker.decode_pool import DecodePool
 
 if TYPE_CHECKING:
     from worker.pipeline import Model
@@ -43,15 +43,20 @@ def _timed(work: Callable[[], object]) -> float:
 
 
 def decode_ceiling(
-    model: Model, blobs: list[bytes], *, threads: int, max_pixels: int
+    decoder: DecodePool, blobs: list[bytes], *, threads: int
 ) -> tuple[float, list[torch.Tensor]]:
-    def one(data: bytes) -> torch.Tensor:
-        return model.preprocess(decode_image(data, max_pixels=max_pixels, target_size=model.image_size).image)
+    """Images/s through the worker's own decode path (its process pool; `threads` callers when inline)."""
 
+    def decode_all(chunk: list[bytes]) -> list[torch.Tensor]:
+        if decoder.processes > 0:
+            futures = [decoder.submit(data) for data in chunk]
+            return [torch.from_numpy(decoder.result(future).pixels) for future in futures]
+        with ThreadPoolExecutor(threads) as pool:
+            return [torch.from_numpy(decoded.pixels) for decoded in pool.map(decoder.decode, chunk)]
+
+    decode_all(blobs[:32])  # warm-up: the decoding processes start and import
     tensors: list[torch.Tensor] = []
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, blobs[: min(len(blobs), 32)]))  # warm-up
-        seconds = _timed(lambda: tensors.extend(pool.map(one, blobs)))
+    seconds = _timed(lambda: tensors.extend(decode_all(blobs)))
     return len(blobs) / seconds, tensors
 
 
@@ -68,23 +73,31 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="decoding processes")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    from worker.model import load_bundle
+    from worker.model.bundle import load_bundle
 
     model = load_bundle(args.bundle, device=args.device)
+    decoder = DecodePool(
+        preprocessing=model.preprocessing,
+        max_pixels=60_000_000,
+        processes=args.processes,
+        timeout_s=10.0,
+        memory_mb=1024,
+    )
     print(machine_description())
     for folder in args.folders:
         paths = sorted(folder.glob("*.jpg"))
         blobs = [paths[i % len(paths)].read_bytes() for i in range(args.n)]
-        rate, tensors = decode_ceiling(model, blobs, threads=args.threads, max_pixels=60_000_000)
-        print(f"{folder.name}: decode {rate:,.1f} images/s ({args.threads} threads)")
+        rate, tensors = decode_ceiling(decoder, blobs, threads=args.processes)
+        print(f"{folder.name}: decode {rate:,.1f} images/s ({args.processes} processes)")
         for batch_size in args.batch_size:
             rate = model_ceiling(model, tensors, batch_size=batch_size)
             print(f"{folder.name}: model {rate:,.1f} images/s (batch {batch_size}, {model.device})")
         if torch.cuda.is_available():
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
+    decoder.close()
 
 
 if __name__ == "__main__":

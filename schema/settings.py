@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -53,6 +54,12 @@ class Settings(BaseSettings):
     # Limits on hostile input.
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 60_000_000
+    # Decoding runs in this many worker processes (-1: one per usable core), so that one image can be held
+    # to a wall-clock and a memory limit (a thread cannot be stopped mid-decode, a process can) and JPEG
+    # decoding uses every core. 0 decodes in the fetch threads, bounded by the pixel limit alone.
+    decode_processes: int = -1
+    decode_timeout_s: float = 10.0
+    decode_memory_mb: int = 1024  # address-space limit of each decoding process
 
     # Ingest webhook.
     webhook_host: str = "127.0.0.1"
@@ -63,3 +70,9 @@ class Settings(BaseSettings):
     @property
     def effective_concurrency(self) -> int:
         return self.worker_concurrency or 2 * self.batch_size
+
+    @property
+    def effective_decode_processes(self) -> int:
+        if self.decode_processes >= 0:
+            return self.decode_processes
+        return len(os.sched_getaffinity(0))

@@ -91,7 +91,7 @@ def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.model import write_random_bundle
+    from worker.model.random_bundle import write_random_bundle
 
     return write_random_bundle(tmp_path_factory.mktemp("bundle") / "random")
 

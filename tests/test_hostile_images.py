@@ -171,3 +171,33 @@ def test_a_folder_of_hostile_files_ends_with_one_status_each_and_good_images_enr
             assert state.startswith("failed_") and error, key
     assert status["bomb.png"][0] == "failed_limit"
     assert status["huge.jpg"][0] == "failed_limit" and "over the limit" in (status["huge.jpg"][1] or "")
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [
+        ({"decode_timeout_s": 0.1}, "decoding took longer than 0.1 s"),
+        ({"decode_memory_mb": 300}, "decoding needed more than 300 MiB"),
+    ],
+    ids=["time", "memory"],
+)
+def test_a_decode_over_its_time_or_memory_limit_fails_alone(
+    settings: Settings, pg_engine: Engine, tmp_path: Path, limit: dict[str, float], reason: str
+) -> None:
+    # Legal (56 MP, under the pixel limit, a 184 kB file) but slow and memory-hungry: about 0.7 s and
+    # 170 MB to decode here. The decoding process is stopped, replaced, and the photos still decode.
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    slow = Image.linear_gradient("L").resize((7000, 8000)).convert("RGB")
+    (folder / "slow.png").write_bytes(encode(slow, "PNG"))
+    for i, data in enumerate(sample_jpegs(6)):
+        (folder / f"photo_{i}.jpg").write_bytes(data)
+    settings = settings.model_copy(update={"decode_processes": 2, "batch_size": 8, **limit})
+
+    store, refs = plan(settings, str(folder))
+    run_local(settings, store=store, refs=refs)
+
+    with Session(pg_engine) as session:
+        status = {row.key: (row.status, row.error) for row in session.scalars(select(Enrichment))}
+    assert status.pop("slow.png") == ("failed_limit", reason)
+    assert status == {f"photo_{i}.jpg": ("ok", None) for i in range(6)}

@@ -11,18 +11,11 @@ import torch
 from PIL import Image
 
 from schema.results import DERIVED_FIELDS, FIELDS, HEAD_FIELDS
-from worker.model import (
-    BundleConfig,
-    EnrichModel,
-    TitleCodec,
-    clear_cache,
-    create_model,
-    load_bundle,
-    save_bundle,
-    train_tokenizer,
-    write_random_bundle,
-)
-from worker.model.random_bundle import random_config
+from worker.model.bundle import EnrichModel, clear_cache, load_bundle, save_bundle
+from worker.model.config import BundleConfig
+from worker.model.network import create_model
+from worker.model.random_bundle import random_config, write_random_bundle
+from worker.model.tokenizer import TitleCodec, train_tokenizer
 
 
 def _images(n: int, size: tuple[int, int] = (60, 80)) -> list[Image.Image]:

@@ -19,7 +19,7 @@ from training.data import read_catalogue
 from training.pack import SplitRecipe, open_catalogue
 from training.tensors import decode_images
 from training.trainer import Recipe, TrainResult, train
-from worker.model import clear_cache, load_bundle
+from worker.model.bundle import clear_cache, load_bundle
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
 COLOURS = {"Red": (200, 30, 30), "Blue": (30, 60, 200), "Black": (20, 20, 20)}

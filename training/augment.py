@@ -1,4 +1,4 @@
-"""Batch augmentations on the device, applied after the shared `preprocess_image`.
+"""Batch augmentations on the device, applied after the shared `preprocess_array`.
 
 They run on the GPU over a whole batch (no per-image Python), and aim at what differs between catalogue
 photos and what users upload: framing (zoom in/out, shift, aspect), resolution (a lower-resolution source

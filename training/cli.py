@@ -200,7 +200,7 @@ def evaluate_command(
     from training.pack import SplitRecipe, split_catalogue
     from training.report import write_report
     from training.tensors import decode_images
-    from worker.model import load_bundle
+    from worker.model.bundle import load_bundle
 
     bundle = bundle or _default_bundle()
     started = time.time()

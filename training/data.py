@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from schema.results import FIELDS
 
@@ -134,12 +132,6 @@ def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[I
             items.append(Item(id=item_id, image=path, labels=labels, title=title))
     report.kept = len(items)
     return items, report
-
-
-def load_rgb(data: bytes | Path) -> Image.Image:
-    """Decode like the worker does: EXIF orientation applied, RGB."""
-    opened = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    return ImageOps.exif_transpose(opened).convert("RGB")
 
 
 def stratified_split(

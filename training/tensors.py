@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 from schema.results import DERIVED_FIELDS, HEAD_FIELDS
-from training.data import Item, load_rgb
+from training.data import Item
+from worker.decode import decode_to_input
 from worker.model.config import PreprocessConfig
-from worker.model.preprocess import preprocess_array
 from worker.model.tokenizer import TitleCodec
 
 IGNORE = -100  # target of a missing or unknown label: no loss, counted as wrong in evaluation
 
 Source = bytes | str  # JPEG bytes (packed data) or a file path
+_TRUSTED_MAX_PIXELS = 1_000_000_000  # a training catalogue is the user's own data, not a stranger's upload
 
 
 def _init_worker() -> None:
@@ -34,8 +35,8 @@ def _decode_chunk(args: tuple[list[Source], PreprocessConfig]) -> np.ndarray:
     h, w = pre.input_size
     out = np.empty((len(sources), 3, h, w), dtype=np.uint8)
     for i, src in enumerate(sources):
-        image = load_rgb(src if isinstance(src, bytes) else Path(src).read_bytes())
-        out[i] = preprocess_array(image, pre)
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        out[i] = decode_to_input(data, pre=pre, max_pixels=_TRUSTED_MAX_PIXELS).pixels
     return out
 
 

@@ -1,6 +1,6 @@
 """Joint training of the heads and the captioner, calibration, and export of a bundle.
 
-Data lives on the device as one uint8 tensor (decoded once, through the serving `preprocess_image`), so an
+Data lives on the device as one uint8 tensor (decoded once, through the serving `preprocess_array`), so an
 epoch is index gathers + GPU augmentation + one forward/backward per batch: no loader processes, no
 per-image Python in the loop.
 """

@@ -8,19 +8,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from schema.repository import already_enriched, upsert_enrichments
 from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
-from worker.decode import DecodeError, PixelLimitError, decode_image
+from worker.decode import DecodedInput, DecodeError, DecodeLimitError
+from worker.decode_pool import DecodePool, DecodePoolError
 from worker.metrics import WorkerMetrics
+from worker.model.config import PreprocessConfig
 from worker.storage import FetchError, LimitError, ObjectStore
 
 
@@ -29,9 +30,7 @@ class Model(Protocol):
 
     name: str
     version: str
-    image_size: tuple[int, int]
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+    preprocessing: PreprocessConfig
 
     def predict(self, batch: torch.Tensor) -> list[ImagePrediction]: ...
 
@@ -80,33 +79,35 @@ class Pipeline:
         model: Model,
         store: ObjectStore,
         session_factory: Callable[[], Session],
+        decoder: DecodePool,
         max_object_bytes: int,
-        max_image_pixels: int,
         fetch_threads: int,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.session_factory = session_factory
+        self.decoder = decoder
         self.max_object_bytes = max_object_bytes
-        self.max_image_pixels = max_image_pixels
         self.metrics = metrics or WorkerMetrics()
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="enrich-fetch")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self.decoder.close()
 
     def process(self, jobs: Sequence[Job]) -> list[Outcome]:
         """One micro-batch end to end; returns one Outcome per job, in order."""
         return self.infer_and_sink(self.prepare(jobs))
 
-    # -- stage 1: skip, fetch and decode (CPU, threaded) ------------------------------------------------
+    # -- stage 1: skip, fetch (threads) and decode (processes) -------------------------------------------
 
     def prepare(self, jobs: Sequence[Job]) -> list[Prepared]:
         started = time.perf_counter()
         done = self._already_enriched([job.ref for job in jobs])
         todo = [job for job in jobs if job.ref not in done]
-        fetched = iter(list(self._pool.map(self._fetch_and_decode, todo)))
+        # A fetch thread hands its bytes to the decoder and moves on, so fetches and decodes overlap.
+        fetched = iter([self._decoded(*pending) for pending in self._pool.map(self._fetch, todo)])
         # A job whose image is already enriched keeps neither result nor pixels: it ends as skipped.
         prepared = [Prepared(job=job) if job.ref in done else next(fetched) for job in jobs]
         self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
@@ -120,7 +121,7 @@ class Pipeline:
             # Not fatal: the sink's upsert is idempotent on its own; this check only saves GPU time.
             return set()
 
-    def _fetch_and_decode(self, job: Job) -> Prepared:
+    def _fetch(self, job: Job) -> tuple[Prepared, Future[DecodedInput] | None]:
         item = Prepared(job=job)
         ref = job.ref
         started = time.perf_counter()
@@ -133,35 +134,55 @@ class Pipeline:
             else:
                 reason = str(error) if not error.transient else f"gave up after retries: {error}"
                 item.result = self._failure(ref, status, reason)
-            return item
-        fetched_at = time.perf_counter()
-        item.timings_ms["fetch"] = (fetched_at - started) * 1000
-        sha256 = hashlib.sha256(fetched.data).hexdigest()
-        try:
-            decoded = decode_image(
-                fetched.data, max_pixels=self.max_image_pixels, target_size=self.model.image_size
-            )
-            item.pixels = self.model.preprocess(decoded.image)
-        except DecodeError as error:
-            status = Status.FAILED_LIMIT if isinstance(error, PixelLimitError) else Status.FAILED_DECODE
-            item.result = self._failure(ref, status, str(error), size=fetched.size, sha256=sha256)
-            return item
-        except Exception as error:  # noqa: BLE001 - a decoder bug on one image must not fail its batch
-            reason = f"unexpected decode error: {type(error).__name__}: {error}"
-            item.result = self._failure(ref, Status.FAILED_DECODE, reason, size=fetched.size, sha256=sha256)
-            return item
-        item.timings_ms["decode"] = (time.perf_counter() - fetched_at) * 1000
+            return item, None
+        item.timings_ms["fetch"] = (time.perf_counter() - started) * 1000
         item.result = EnrichmentResult(
             ref=ref,
             status=Status.OK,
             model_name=self.model.name,
             model_version=self.model.version,
-            content_sha256=sha256,
+            content_sha256=hashlib.sha256(fetched.data).hexdigest(),
             size=fetched.size,
             last_modified=fetched.last_modified,
-            width=decoded.width,
-            height=decoded.height,
         )
+        try:
+            return item, self.decoder.submit(fetched.data)
+        except DecodePoolError as error:
+            return self._pool_failed(item, error), None
+
+    def _decoded(self, item: Prepared, pending: Future[DecodedInput] | None) -> Prepared:
+        """Wait for the decode of one fetched item; a failure becomes the item's result."""
+        if pending is None:
+            return item
+        result = item.result
+        assert result is not None
+        try:
+            decoded = self.decoder.result(pending)
+        except DecodePoolError as error:
+            return self._pool_failed(item, error)
+        except DecodeError as error:
+            result.status = (
+                Status.FAILED_LIMIT if isinstance(error, DecodeLimitError) else Status.FAILED_DECODE
+            )
+            result.error = str(error)
+            return item
+        except Exception as error:  # noqa: BLE001 - a decoder bug on one image must not fail its batch
+            result.status = Status.FAILED_DECODE
+            result.error = f"unexpected decode error: {type(error).__name__}: {error}"
+            return item
+        item.timings_ms["decode"] = decoded.decode_ms
+        item.pixels = torch.from_numpy(decoded.pixels)
+        result.width, result.height = decoded.width, decoded.height
+        return item
+
+    def _pool_failed(self, item: Prepared, error: DecodePoolError) -> Prepared:
+        """Not the image's fault: retried like a transient fetch error, recorded on the last attempt."""
+        assert item.result is not None
+        if item.job.final_attempt:
+            item.result.status = Status.FAILED_DECODE
+            item.result.error = f"gave up after retries: {error}"
+        else:
+            item.result, item.retry_reason = None, f"decode: {error}"
         return item
 
     def _failure(

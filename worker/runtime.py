@@ -8,13 +8,14 @@ from schema.db import make_engine, make_session_factory
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
+from worker.decode_pool import DecodePool
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Model, Pipeline
 from worker.storage import ObjectStore, S3Store
 
 
 def load_model(settings: Settings) -> Model:
-    from worker.model import load_bundle  # torch-heavy; imported only where a model is needed
+    from worker.model.bundle import load_bundle  # torch-heavy; imported only where a model is needed
 
     return load_bundle(settings.model_bundle, device=settings.device)
 
@@ -27,10 +28,20 @@ def build_pipeline(
         model=model,
         store=store,
         session_factory=make_session_factory(engine),
+        decoder=build_decoder(settings, model),
         max_object_bytes=settings.max_object_bytes,
-        max_image_pixels=settings.max_image_pixels,
         fetch_threads=settings.fetch_threads,
         metrics=metrics,
+    )
+
+
+def build_decoder(settings: Settings, model: Model) -> DecodePool:
+    return DecodePool(
+        preprocessing=model.preprocessing,
+        max_pixels=settings.max_image_pixels,
+        processes=settings.effective_decode_processes,
+        timeout_s=settings.decode_timeout_s,
+        memory_mb=settings.decode_memory_mb,
     )
 
 

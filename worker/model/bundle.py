@@ -14,7 +14,7 @@ from schema.results import DERIVED_FIELDS, FIELDS, HEAD_FIELDS, FieldPrediction,
 from worker.device import resolve_device as resolve_device_name
 from worker.model.config import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, BundleConfig
 from worker.model.network import EnrichNet, create_model
-from worker.model.preprocess import normalize, preprocess_image
+from worker.model.preprocess import normalize, preprocess_array
 from worker.model.tokenizer import TitleCodec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,6 +55,7 @@ class EnrichModel:
         self.config = config
         self.name = config.name
         self.version = config.version
+        self.preprocessing = config.preprocessing
         self.image_size: tuple[int, int] = config.preprocessing.input_size
         self.device = device
         self.codec = codec
@@ -67,7 +68,7 @@ class EnrichModel:
         self._temps = {f: float(config.temperatures.get(f, 1.0)) for f in HEAD_FIELDS}
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return preprocess_image(image, self.config.preprocessing)
+        return torch.from_numpy(preprocess_array(image, self.config.preprocessing))
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dtype != torch.uint8 or batch.dim() != 4:

@@ -1,17 +1,22 @@
 """Image -> network input, shared by training, evaluation and serving so they cannot drift.
 
-The CPU part (`preprocess_image`) only resizes and returns uint8; the float conversion and the
+The CPU part (`preprocess_array`) only resizes and returns uint8; the float conversion and the
 mean/std normalisation (`normalize`) run on the device, where they are nearly free and where a uint8
-batch is a quarter of the bytes to copy.
+batch is a quarter of the bytes to copy. The module does not import torch at run time: decoding worker
+processes import it, and each would otherwise pay torch's import time and memory.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from worker.model.config import PreprocessConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _RESAMPLE = Image.Resampling.BICUBIC
 
@@ -53,21 +58,16 @@ def resize_to_input(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
 
 
 def preprocess_array(image: Image.Image, pre: PreprocessConfig) -> np.ndarray:
-    """An RGB PIL image -> uint8 array (3, H, W) at the network's input size (no torch: safe and fast in
-    decoding worker processes, where torch's thread pool would oversubscribe the cores)."""
+    """An RGB PIL image -> uint8 array (3, H, W) at the network's input size."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     image = resize_to_input(reduce_detail(image, pre.detail_size), pre)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def preprocess_image(image: Image.Image, pre: PreprocessConfig) -> torch.Tensor:
-    """An RGB PIL image -> uint8 tensor (3, H, W) at the network's input size."""
-    return torch.from_numpy(preprocess_array(image, pre))
-
-
 def normalize(batch: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
     """uint8 NCHW (on the device) -> float32 normalised by the config's mean/std."""
-    mean = torch.tensor(pre.mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pre.std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    return (batch.float() - mean) / std
+    x = batch.float()
+    mean = x.new_tensor(pre.mean).view(1, 3, 1, 1) * 255.0  # new_tensor: x's device and dtype
+    std = x.new_tensor(pre.std).view(1, 3, 1, 1) * 255.0
+    return (x - mean) / std
