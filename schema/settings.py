@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     # Inference.
     model_bundle: Path = DEFAULT_BUNDLE
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | fp32
     batch_size: int = 64
     max_wait_ms: int = 50
     # Tasks one worker process holds at once; enough to fill the next batch while one runs.

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from schema.results import DERIVED_FIELDS, FIELDS, HEAD_FIELDS
-from worker.model.bundle import EnrichModel, clear_cache, load_bundle, save_bundle
+from worker.model.bundle import EnrichModel, clear_cache, load_bundle, resolve_bf16, save_bundle
 from worker.model.config import BundleConfig
 from worker.model.network import create_model
 from worker.model.random_bundle import random_config, write_random_bundle
@@ -152,3 +152,18 @@ def test_flip_tta_changes_only_the_heads(tmp_path: Path) -> None:
     b = tta.infer(batch)
     assert a.captions == b.captions
     assert not torch.allclose(a.probs["articleType"], b.probs["articleType"])
+
+
+def test_precision_rules() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_bf16("bf16", cpu) and not resolve_bf16("fp32", cpu)
+    assert resolve_bf16("auto", torch.device("cuda"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_bf16("fp16", cpu)
+
+
+def test_fp32_and_bf16_models_are_cached_apart(bundle: Path) -> None:
+    fp32 = load_bundle(bundle, precision="fp32")
+    bf16 = load_bundle(bundle, precision="bf16")
+    assert fp32 is not bf16 and not fp32.bf16 and bf16.bf16
+    assert load_bundle(bundle, precision="fp32") is fp32

@@ -185,6 +185,9 @@ def evaluate_command(
         str, typer.Option(help="all: every row; val/train: the bundle's own split of this catalogue.")
     ] = "all",
     device: str = "cpu",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA and on CPUs with native bf16, as served), bf16 or fp32.")
+    ] = "auto",
     batch_size: int = 64,
     limit: Annotated[int | None, typer.Option(help="Score only the first N rows (by id).")] = None,
     stratified_only: Annotated[
@@ -204,7 +207,7 @@ def evaluate_command(
 
     bundle = bundle or _default_bundle()
     started = time.time()
-    model = load_bundle(bundle, device=device)
+    model = load_bundle(bundle, device=device, precision=precision)
     if split == "all":
         items, report = read_catalogue(data_dir)
         if limit:
@@ -253,6 +256,7 @@ def evaluate_command(
         "bundle": str(bundle),
         "split": split + (" (stratified part only)" if stratified_only else ""),
         "device": str(model.device),
+        "precision": "bf16" if model.bf16 else "fp32",
         "seconds": round(time.time() - started, 1),
         "read": report.to_dict(),
     }

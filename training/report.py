@@ -111,7 +111,7 @@ def plot_history(history: list[dict[str, float]], path: Path) -> None:
 
 def markdown(ev: Evaluation, meta: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {meta.get('model', '')} on {meta.get('dataset', '')}", ""]
-    for k in ("bundle", "split", "device", "seconds"):
+    for k in ("bundle", "split", "device", "precision", "seconds"):
         if k in meta:
             lines.append(f"- {k}: {meta[k]}")
     lines += [

@@ -17,7 +17,7 @@ from worker.storage import ObjectStore, S3Store
 def load_model(settings: Settings) -> Model:
     from worker.model.bundle import load_bundle  # torch-heavy; imported only where a model is needed
 
-    return load_bundle(settings.model_bundle, device=settings.device)
+    return load_bundle(settings.model_bundle, device=settings.device, precision=settings.precision)
 
 
 def build_pipeline(

@@ -48,10 +48,36 @@ class RawOutput:
     caption_confidence: torch.Tensor
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast. "auto": on CUDA, and on CPUs with native bf16 (AVX512-BF16 or
+    AMX: 2.1x faster than fp32 on this project's CPU, every field's held-out accuracy within 0.003 of fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class EnrichModel:
     """A loaded bundle: preprocess on the CPU, predict a uint8 batch on the device."""
 
-    def __init__(self, net: EnrichNet, config: BundleConfig, codec: TitleCodec, device: torch.device) -> None:
+    def __init__(
+        self,
+        net: EnrichNet,
+        config: BundleConfig,
+        codec: TitleCodec,
+        device: torch.device,
+        *,
+        precision: str = "auto",
+    ) -> None:
         self.config = config
         self.name = config.name
         self.version = config.version
@@ -60,10 +86,10 @@ class EnrichModel:
         self.device = device
         self.codec = codec
         self._cuda = device.type == "cuda"
+        self.bf16 = resolve_bf16(precision, device)
         net.eval()
-        if self._cuda:
-            net = net.to(memory_format=torch.channels_last)
-        self.net = net.to(device)
+        # channels_last on every device: 1.7x faster on this CPU too (oneDNN's preferred layout).
+        self.net = net.to(memory_format=torch.channels_last).to(device)
         self._derived = {f: derived_matrix(config, f) for f in DERIVED_FIELDS}
         self._temps = {f: float(config.temperatures.get(f, 1.0)) for f in HEAD_FIELDS}
 
@@ -75,12 +101,11 @@ class EnrichModel:
             raise ValueError(f"expected a uint8 NCHW batch, got {batch.dtype} {tuple(batch.shape)}")
         if self._cuda:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-            return batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return batch.contiguous(memory_format=torch.channels_last)
 
     def infer(self, batch: torch.Tensor) -> RawOutput:
         """The full distributions (for evaluation) and captions of a uint8 NCHW batch."""
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self._cuda):
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             x = normalize(self._to_device(batch), self.config.preprocessing)
             fmap = self.net.features(x)
             logits = self.net.head_logits(fmap)
@@ -164,19 +189,19 @@ def build_from_bundle(path: Path) -> tuple[EnrichNet, BundleConfig, TitleCodec]:
     return net, config, codec
 
 
-_cache: dict[tuple[str, str], EnrichModel] = {}
+_cache: dict[tuple[str, str, str], EnrichModel] = {}
 _lock = threading.Lock()
 
 
-def load_bundle(path: Path, *, device: str = "cpu") -> EnrichModel:
-    """Load a bundle once per (path, device); later calls return the same model. Thread-safe."""
+def load_bundle(path: Path, *, device: str = "cpu", precision: str = "auto") -> EnrichModel:
+    """Load a bundle once per (path, device, precision); later calls return the same model. Thread-safe."""
     dev = resolve_device(device)
-    key = (str(Path(path).resolve()), str(dev))
+    key = (str(Path(path).resolve()), str(dev), precision)
     with _lock:
         model = _cache.get(key)
         if model is None:
             net, config, codec = build_from_bundle(Path(path))
-            model = EnrichModel(net, config, codec, dev)
+            model = EnrichModel(net, config, codec, dev, precision=precision)
             _cache[key] = model
         return model
 
