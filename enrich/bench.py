@@ -24,6 +24,7 @@ from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
 from enrich.stack import WorkerProcess, start_moto
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
+from schema.migrate import upgrade
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
@@ -81,6 +82,7 @@ class Stack:
             self._server, s3_endpoint = start_moto()
         self.settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint, "metrics_port": 0})
         self.client = make_s3_client(self.settings)
+        upgrade(settings.database_url)  # a fresh database works too; a migrated one is left as it is
         self.engine: Engine = make_engine(settings.database_url)
         self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
         self.client.create_bucket(Bucket=self.bucket)

@@ -1,0 +1,163 @@
+"""Pack what `enrich bench` needs on the lent GPU machine beyond its image, into one carry-able folder.
+
+    python scripts/device_kit.py            # -> .devkit/ (git-ignored through .git/info/exclude)
+
+The GPU machine's image has torch, timm, Pillow, numpy, typer, rich and prometheus-client, but no Celery,
+SQLAlchemy, psycopg, pydantic, boto3, moto, Redis or PostgreSQL, and it cannot download anything. The
+device tool carries at most 64 MiB per call together with the working tree (about 35 MB, mostly the
+model), so the kit is stripped to what the benchmark touches: wheels for the machine's Python unpacked into
+a site folder (botocore and moto without the AWS services we don't call), a Redis server with the shared
+libraries it needs beyond glibc, the PostgreSQL binaries of the `pgserver` wheel (relocatable, built for
+manylinux2014), and real catalogue images. `scripts/device-bench` unpacks and runs it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+
+# Distributions the benchmark imports that the GPU image lacks (its package list: the device tool's
+# KINDS.md). Versions come from this checkout's .venv, so the kit runs the code as tested here.
+WHEELS = [
+    *("alembic", "amqp", "annotated-types", "billiard", "blinker", "boto3", "botocore", "celery", "cffi"),
+    *("click-didyoumean", "click-plugins", "click-repl", "cryptography", "Flask", "flask-cors"),
+    *("itsdangerous", "jmespath", "kombu", "Mako", "moto", "Pebble", "prompt_toolkit", "psycopg"),
+    *("psycopg-binary", "pycparser", "pydantic", "pydantic_core", "pydantic-settings", "python-dotenv"),
+    *("redis", "responses", "s3transfer", "SQLAlchemy", "starlette", "typing-inspection", "tzlocal"),
+    *("uvicorn", "vine", "wcwidth", "xmltodict"),
+]
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (34, 28, 17)] + ["manylinux2014_x86_64"]
+BOTOCORE_SERVICES = {"s3", "sqs", "sts"}
+# moto's packages that its S3 server imports; every other AWS service is dropped.
+MOTO_KEEP = {
+    "core",
+    "utilities",
+    "s3",
+    "sqs",
+    "moto_api",
+    "moto_server",
+    "backend_index.py",
+    "backends.py",
+    "server.py",
+    "settings.py",
+    "__init__.py",
+    "py.typed",
+    "proxy.py",
+    "instance_metadata",
+    "sts",
+    "iam",
+    "cloudwatch",
+    "awslambda",
+    "sns",
+    "s3bucket_path",
+    "kms",
+    "cloudformation",
+    "events",
+}
+REDIS_LIBS = ("liblzf.so.1", "libjemalloc.so.2", "libatomic.so.1")
+PG_BINARIES = ("postgres", "initdb", "pg_ctl", "pg_isready")
+
+
+def pinned(names: list[str]) -> list[str]:
+    frozen = subprocess.run(
+        [str(REPO / ".venv/bin/pip"), "list", "--format=freeze"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    versions = {line.split("==")[0].lower().replace("_", "-"): line for line in frozen if "==" in line}
+    return [versions[name.lower().replace("_", "-")] for name in names]
+
+
+def download(specs: list[str], dest: Path, python: str) -> None:
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+         "--python-version", python, "--implementation", "cp", *platforms, "-d", str(dest), *specs],
+        check=True,
+    )  # fmt: skip
+
+
+def build_site(wheels: Path, site: Path) -> None:
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+    for data in site.glob("botocore/data/*"):
+        if data.is_dir() and data.name not in BOTOCORE_SERVICES:
+            shutil.rmtree(data)
+    for part in site.glob("moto/*"):
+        if part.name not in MOTO_KEEP:
+            shutil.rmtree(part) if part.is_dir() else part.unlink()
+    for cache in site.rglob("__pycache__"):
+        shutil.rmtree(cache)
+
+
+def copy_redis(dest: Path) -> None:
+    dest.mkdir(parents=True)
+    server = Path(shutil.which("redis-server") or "/usr/bin/redis-server").resolve()
+    shutil.copy2(server, dest / "redis-server")
+    for lib in REDIS_LIBS:
+        shutil.copy2(Path("/lib/x86_64-linux-gnu") / lib, dest / lib)
+
+
+def copy_postgres(wheels: Path, dest: Path) -> None:
+    """The wheel's layout is kept: its binaries find libpq through RPATH $ORIGIN/../../../pgserver.libs."""
+    with zipfile.ZipFile(next(wheels.glob("pgserver-*.whl"))) as archive:
+        for name in archive.namelist():
+            if name.endswith("/") or not name.startswith(("pgserver/pginstall/", "pgserver.libs/")):
+                continue
+            inside = name.removeprefix("pgserver/pginstall/")
+            if inside.startswith("include/") or (inside.startswith("bin/") and inside[4:] not in PG_BINARIES):
+                continue
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+            if inside.startswith("bin/"):
+                target.chmod(0o755)
+
+
+def copy_images(dest: Path, *, small: int, fullres: int) -> None:
+    for name, folder, n in (("small", DATASETS / "fashion-small/images", small),
+                            ("fullres", DATASETS / "fashion-fullres", fullres)):  # fmt: skip
+        (dest / name).mkdir(parents=True)
+        for path in sorted(folder.glob("*.jpg"))[:n]:
+            shutil.copy2(path, dest / name / path.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--python", default="3.12", help="the GPU machine's Python (3.12.3 in 2026-11)")
+    parser.add_argument("--out", type=Path, default=REPO / ".devkit")
+    parser.add_argument("--small", type=int, default=1024, help="60x80 catalogue images to carry")
+    parser.add_argument("--fullres", type=int, default=12, help="full-size photos to carry")
+    args = parser.parse_args()
+    exclude = REPO / ".git/info/exclude"
+    exclude.parent.mkdir(exist_ok=True)
+    ignored = exclude.read_text() if exclude.exists() else ""
+    if "/.devkit/" not in ignored.splitlines():
+        exclude.write_text(ignored + "/.devkit/\n")
+    work = Path("/tmp/enrich-devkit-build")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(args.out, ignore_errors=True)
+    download(pinned(WHEELS), work / "wheels", args.python)
+    download(["pgserver==0.1.4"], work / "pg-wheel", "3.11")  # only its binaries are used: any Python's wheel
+    build_site(work / "wheels", work / "kit/site")
+    copy_redis(work / "kit/redis")
+    copy_postgres(work / "pg-wheel", work / "kit/pg")
+    args.out.mkdir(parents=True)
+    with tarfile.open(args.out / "kit.tar.xz", "w:xz", preset=9) as tar:
+        tar.add(work / "kit", arcname="devkit")
+    copy_images(args.out / "images", small=args.small, fullres=args.fullres)
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"{args.out}: {size / 2**20:.1f} MiB (carry it with the working tree: 64 MiB in all per call)")
+
+
+if __name__ == "__main__":
+    main()
