@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,15 +21,18 @@ from sqlalchemy.orm import Session
 from enrich.stack import with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
+from schema.queue import ref_to_message
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
-from schema.settings import Settings
+from schema.settings import ENRICH_TASK_NAME, Settings
 from schema.tables import Enrichment
 from tests.conftest import REDIS_URL, enrich_cli, wait_for
 from tests.test_end_to_end import put_images, rows, unacked_for
-from worker.pipeline import Job
-from worker.runtime import build_pipeline, load_model
+from worker.metrics import WorkerMetrics
+from worker.pipeline import Job, Outcome
+from worker.runtime import WorkerRuntime, build_pipeline, load_model
 from worker.storage import S3Store
+from worker.tasks import make_worker_app
 
 
 def queue_length(queue: str) -> int:
@@ -203,3 +207,33 @@ def put_bytes(index: int) -> bytes:
     from tests.conftest import sample_jpegs
 
     return sample_jpegs(index + 1)[index]
+
+
+class FailsOnceBatcher:
+    """The worker's side failing once (a batch outlasting the visibility timeout), then succeeding."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def submit(self, job: Job) -> Future[Outcome]:
+        self.jobs.append(job)
+        future: Future[Outcome] = Future()
+        if len(self.jobs) == 1:
+            future.set_exception(TimeoutError())
+        else:
+            future.set_result(Outcome(ref=job.ref, skipped=True))
+        return future
+
+
+def test_a_worker_side_failure_retries_the_job_instead_of_acking_it_away(settings: Settings) -> None:
+    # Celery acks a task that raises (acks_late acks failures too): the job would be gone without a row.
+    batcher = FailsOnceBatcher()
+    runtime = WorkerRuntime(pipeline=None, batcher=batcher, metrics=WorkerMetrics())  # type: ignore[arg-type]
+    task = make_worker_app(settings, runtime).tasks[ENRICH_TASK_NAME]
+    ref = ObjectRef("shop", "late.jpg", etag="e1")
+
+    result = task.apply(args=[ref_to_message(ref)])  # eager: the retry runs at once, and succeeds
+
+    assert result.state == "SUCCESS"
+    assert [job.ref for job in batcher.jobs] == [ref, ref]
+    assert runtime.metrics.retries.labels("worker")._value.get() == 1

@@ -28,9 +28,21 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     def enrich_object(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         ref = ref_from_message(message)
         final_attempt = self.request.retries >= settings.max_attempts - 1
-        outcome = runtime.batcher.submit(Job(ref=ref, final_attempt=final_attempt)).result(
-            timeout=settings.visibility_timeout_s
-        )
+        try:
+            outcome = runtime.batcher.submit(Job(ref=ref, final_attempt=final_attempt)).result(
+                timeout=settings.visibility_timeout_s
+            )
+        except Exception as error:  # noqa: BLE001
+            # The worker, not the image, failed (a batch slower than the visibility timeout while the
+            # database hangs, a loop error). Celery acks a task that raises, which would drop the job
+            # without a row: retry it instead, without spending its attempts. If the batch still lands,
+            # the retry finds the row and skips.
+            runtime.metrics.retries.labels("worker").inc()
+            raise self.retry(
+                exc=TransientError(f"worker: {type(error).__name__}: {error}"),
+                countdown=retry_countdown(self.request.retries),
+                max_retries=None,
+            ) from None
         if outcome.retry_reason is not None:
             database_down = outcome.retry_reason.startswith("database")
             # A database outage is not the image's fault: retry it without spending the image's attempts.
