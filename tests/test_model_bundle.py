@@ -167,3 +167,19 @@ def test_fp32_and_bf16_models_are_cached_apart(bundle: Path) -> None:
     bf16 = load_bundle(bundle, precision="bf16")
     assert fp32 is not bf16 and not fp32.bf16 and bf16.bf16
     assert load_bundle(bundle, precision="fp32") is fp32
+
+
+def test_beam_search_of_width_one_is_greedy_and_wider_beams_keep_the_contract(bundle: Path) -> None:
+    model = load_bundle(bundle, precision="fp32")
+    decoder, codec = model.net.decoder, model.codec
+    special = {"bos": codec.bos, "eos": codec.eos, "pad": codec.pad}
+    with torch.inference_mode():
+        memory = model.net.memory(model.net.features(torch.randn(5, 3, *model.image_size)))
+        greedy_ids, greedy_conf = decoder.greedy(memory, **special)
+        one_ids, one_conf = decoder.beam(memory, beams=1, **special)
+        wide_ids, wide_conf = decoder.beam(memory, beams=4, **special)
+    assert torch.equal(greedy_ids, one_ids) and torch.allclose(greedy_conf, one_conf)
+    assert wide_ids.shape == greedy_ids.shape and bool(((wide_conf > 0) & (wide_conf <= 1)).all())
+    for row in wide_ids.tolist():  # pad only after EOS
+        if codec.eos in row:
+            assert set(row[row.index(codec.eos) + 1 :]) <= {codec.pad}

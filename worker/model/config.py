@@ -82,6 +82,8 @@ class BundleConfig:
     # Average the head logits of the image and its mirror image (the caption uses the image as is):
     # a second backbone pass for a steadier classification.
     flip_tta: bool = False
+    # Beam search width for the title (1: greedy). Wider beams pay the decoder once per beam.
+    caption_beams: int = 1
     weights_dtype: str = "float32"  # dtype of the tensors in model.safetensors
     data: dict[str, Any] = field(default_factory=dict)  # training data fingerprint, split recipe
     training: dict[str, Any] = field(default_factory=dict)  # command, recipe, machine, duration
@@ -113,6 +115,7 @@ class BundleConfig:
             temperatures={k: float(v) for k, v in d.get("temperatures", {}).items()},
             top_k=int(d.get("top_k", 3)),
             flip_tta=bool(d.get("flip_tta", False)),
+            caption_beams=int(d.get("caption_beams", 1)),
             weights_dtype=str(d.get("weights_dtype", "float32")),
             data=dict(d.get("data", {})),
             training=dict(d.get("training", {})),

@@ -162,3 +162,46 @@ class CaptionDecoder(nn.Module):
             if bool(done.all()):
                 break
         return out, torch.exp(logp_sum / n_tokens.clamp(min=1))
+
+    @torch.no_grad()
+    def beam(
+        self, memory: torch.Tensor, *, bos: int, eos: int, pad: int, beams: int, length_alpha: float = 0.6
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search with the KV cache; the same outputs as `greedy` (which it equals at beams=1).
+
+        The B x k hypotheses share their image's cross-attention K/V (computed once, repeated); at each step
+        the self-attention cache is re-ordered to the surviving hypotheses. Finished hypotheses keep their
+        score; the best per image is chosen by log-probability / length**length_alpha.
+        """
+        b, k, device = memory.size(0), beams, memory.device
+        vocab = self.tok_emb.num_embeddings
+        state = self.start(memory.repeat_interleave(k, dim=0))
+        out = torch.full((b * k, self.cfg.max_tokens), pad, dtype=torch.long, device=device)
+        score = torch.zeros(b, k, device=device)
+        score[:, 1:] = float("-inf")  # all beams start identical: keep one until the first expansion
+        length = torch.zeros(b * k, device=device)
+        done = torch.zeros(b * k, dtype=torch.bool, device=device)
+        tok = torch.full((b * k,), bos, dtype=torch.long, device=device)
+        offsets = (torch.arange(b, device=device) * k).unsqueeze(1)
+        for pos in range(self.cfg.max_tokens):
+            logp = torch.log_softmax(self.step(tok, pos, state).float(), dim=-1)
+            # A finished hypothesis continues only with pad, at no cost.
+            finished = torch.full_like(logp, float("-inf"))
+            finished[:, pad] = 0.0
+            logp = torch.where(done.unsqueeze(1), finished, logp)
+            total = (score.view(b * k, 1) + logp).view(b, k * vocab)
+            score, flat = total.topk(k, dim=1)
+            parent = (offsets + flat // vocab).view(-1)
+            tok = (flat % vocab).view(-1)
+            out = out[parent]
+            out[:, pos] = tok
+            length = length[parent] + (~done[parent]).float()
+            done = done[parent] | (tok == eos)
+            state.self_k = state.self_k[:, parent]
+            state.self_v = state.self_v[:, parent]
+            if bool(done.all()):
+                break
+        normalised = score.view(-1) / length.clamp(min=1) ** length_alpha
+        best = offsets.view(-1) + normalised.view(b, k).argmax(dim=1)
+        confidence = torch.exp(score.view(-1)[best] / length[best].clamp(min=1))
+        return out[best], confidence
