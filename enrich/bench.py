@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
@@ -31,6 +32,11 @@ from schema.settings import Settings
 from schema.tables import Enrichment
 from worker.pipeline import Model
 from worker.runtime import build_decoder
+from worker.storage import LocalStore, S3Store
+
+# The stages a worker cannot run faster than: its S3 GETs (fetch threads against the S3 server in use),
+# decoding (its process pool) and the model (forward passes on pre-decoded batches).
+CEILINGS = ("fetch", "decode", "model")
 
 
 @dataclass
@@ -42,26 +48,33 @@ class BenchReport:
     rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
     latency_ms: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)  # MiB
+    worker_cpu_ms: float | None = None  # the worker process's own CPU per image during (c)
+
+    @property
+    def ceilings(self) -> dict[str, float]:
+        return {k: v for k, v in self.rates.items() if k in CEILINGS}
 
     @property
     def bound(self) -> str:
-        ceilings = {k: v for k, v in self.rates.items() if k in ("model", "decode")}
+        ceilings = self.ceilings
         return min(ceilings, key=ceilings.__getitem__) if ceilings else "?"
 
     @property
     def efficiency(self) -> float | None:
         if "end_to_end" not in self.rates or not {"model", "decode"} <= set(self.rates):
             return None
-        return self.rates["end_to_end"] / min(self.rates["model"], self.rates["decode"])
+        return self.rates["end_to_end"] / min(self.ceilings.values())
 
     def lines(self) -> list[str]:
         head = f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}"
         rows = [f"| {head} | |", "|---|---|"]
         rows += [f"| {name} | {rate:,.1f} images/s |" for name, rate in self.rates.items()]
         if self.efficiency is not None:
-            rows.append(
-                f"| end_to_end / min(model, decode) | {self.efficiency:.0%} (bound by {self.bound}) |"
-            )
+            names = ", ".join(self.ceilings)
+            rows.append(f"| end_to_end / min({names}) | {self.efficiency:.0%} (bound by {self.bound}) |")
+        if self.worker_cpu_ms is not None:
+            cap = f"one process: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
+            rows.append(f"| worker process CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
             rows.append(f"| speed-up over naive | {speedup:.1f}x |")
@@ -105,24 +118,39 @@ class Stack:
             )
         return int(count or 0)
 
+    def fetch_ceiling(self, blobs: list[bytes], *, threads: int) -> float:
+        """GETs/s through the worker's own S3Store and thread count, from one process: what the S3 server
+        in use (moto here, MinIO or AWS in production) and our client together allow."""
+        refs = self.upload(f"fetch-{uuid.uuid4().hex[:6]}", blobs)
+        store = S3Store.from_settings(self.settings)
+        limit = self.settings.max_object_bytes
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs[:32]))  # warm-up: connections
+            started = time.perf_counter()
+            list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs))
+        return len(refs) / (time.perf_counter() - started)
+
     def start_worker(self, queue: str, *args: str) -> WorkerProcess:
         worker = WorkerProcess(self.settings.model_copy(update={"queue": queue}), *args, quiet=True)
         worker.wait_ready()
         return worker
 
-    def end_to_end(self, blobs: list[bytes], *worker_args: str) -> tuple[float, WorkerProcess]:
-        """images/s from the first publish to the last committed row; returns the (running) worker."""
+    def end_to_end(self, blobs: list[bytes], *worker_args: str) -> tuple[float, float, WorkerProcess]:
+        """images/s from the first publish to the last committed row, and the worker process's own CPU
+        milliseconds per image meanwhile (one process cannot run faster than 1,000 / that, whatever the
+        device: it is the Python of messaging, fetching and batching). Returns the (running) worker too."""
         prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
         refs = self.upload(prefix, blobs)
         worker = self.start_worker(queue, *worker_args)
         publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
-        started = time.perf_counter()
+        cpu_before, started = worker.cpu_seconds(), time.perf_counter()
         publisher.publish(refs)
         while self.rows_under(prefix) < len(refs):
             if worker.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.process.returncode}")
             time.sleep(0.05)
-        return len(refs) / (time.perf_counter() - started), worker
+        rate = len(refs) / (time.perf_counter() - started)
+        return rate, (worker.cpu_seconds() - cpu_before) * 1000 / len(refs), worker
 
     def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
         """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
@@ -177,7 +205,7 @@ def run_bench(
 ) -> BenchReport:
     device = str(getattr(model, "device", settings.device))
     report = BenchReport(label=label, images=len(blobs), device=device, batch_size=settings.batch_size)
-    decoder = build_decoder(settings, model)
+    decoder = build_decoder(settings, model, LocalStore(Path.cwd()))  # only decoding is measured here
     try:
         rate, tensors = decode_ceiling(decoder, blobs, threads=settings.fetch_threads)
     finally:
@@ -193,9 +221,12 @@ def run_bench(
         return report
     stack = Stack(settings, s3_endpoint)
     try:
-        rate, worker = stack.end_to_end(blobs)
+        report.rates["fetch"] = stack.fetch_ceiling(blobs, threads=settings.fetch_threads)
+        say(f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s ({settings.fetch_threads} threads)")
+        rate, cpu_ms, worker = stack.end_to_end(blobs)
         report.rates["end_to_end"] = rate
-        say(f"(c) end to end: {rate:,.1f} images/s")
+        report.worker_cpu_ms = cpu_ms
+        say(f"(c) end to end: {rate:,.1f} images/s; worker process CPU {cpu_ms:.2f} ms per image")
         try:
             offered = max(rate / 2, 1.0)
             report.latency_ms = stack.latency(worker, blobs[:latency_images], rate=offered)
@@ -210,7 +241,9 @@ def run_bench(
         finally:
             worker.stop()
         if naive_images:
-            rate, naive = stack.end_to_end(blobs[:naive_images], "--batch-size", "1", "--concurrency", "1")
+            rate, _cpu_ms, naive = stack.end_to_end(
+                blobs[:naive_images], "--batch-size", "1", "--concurrency", "1"
+            )
             naive.stop()
             report.rates["naive"] = rate
             say(f"naive baseline (one image per task and per forward pass): {rate:,.1f} images/s")

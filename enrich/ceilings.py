@@ -1,7 +1,7 @@
 """The two ceilings of a worker: model forward passes alone, and decoding alone.
 
-Imports only torch, Pillow and the model package, so it also runs where the service stack is not
-installed (`python -m enrich.ceilings` on a bare GPU machine).
+Needs no running service (no Redis, Postgres or S3 server), so `python -m enrich.ceilings` runs on a GPU
+machine with only the packages of the device kit (scripts/device_kit.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from worker.decode_pool import DecodePool
+from worker.storage import LocalStore
 
 if TYPE_CHECKING:
     from worker.pipeline import Model
@@ -80,9 +81,11 @@ def main() -> None:
 
     model = load_bundle(args.bundle, device=args.device)
     decoder = DecodePool(
+        store=LocalStore(Path.cwd()),  # unused: only decoding is measured
         preprocessing=model.preprocessing,
         max_pixels=60_000_000,
         processes=args.processes,
+        fetch_processes=1,
         timeout_s=10.0,
         memory_mb=1024,
     )

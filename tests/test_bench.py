@@ -25,10 +25,12 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
         latency_images=12,
         say=lambda _line: None,
     )
-    assert set(report.rates) == {"decode", "model", "end_to_end", "naive"}
+    assert set(report.rates) == {"fetch", "decode", "model", "end_to_end", "naive"}
     assert all(rate > 0 for rate in report.rates.values())
-    assert report.efficiency is not None and report.bound in ("model", "decode")
+    assert report.efficiency is not None and report.bound in ("fetch", "model", "decode")
     assert report.latency_ms["p50"] <= report.latency_ms["p95"] <= report.latency_ms["p99"]
     assert report.memory["worker peak RSS"] > 100  # a real process with torch loaded
+    assert report.worker_cpu_ms is not None and report.worker_cpu_ms > 0
     section = markdown_section([report], "enrich bench")
     assert "speed-up over naive" in section and "upload-to-row latency p95" in section
+    assert "worker process CPU per image" in section

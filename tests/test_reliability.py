@@ -186,7 +186,7 @@ def test_a_late_event_for_an_older_version_never_hides_the_newer_one(
     client = make_s3_client(settings)
     old = client.put_object(Bucket=bucket, Key="shirt.jpg", Body=put_bytes(0))["ETag"].strip('"')
     new = client.put_object(Bucket=bucket, Key="shirt.jpg", Body=put_bytes(1))["ETag"].strip('"')
-    pipeline = build_pipeline(settings, model=load_model(settings), store=S3Store(client))
+    pipeline = build_pipeline(settings, model=load_model(settings), store=S3Store.from_settings(settings))
     try:
         # Delivery is unordered: the newer event (sequencer 0B) arrives before the older one (0A).
         pipeline.process([Job(ObjectRef(bucket, "shirt.jpg", etag=new, sequencer="0B"))])

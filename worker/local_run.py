@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ingest.backfill import list_objects
 from schema.results import ObjectRef
-from schema.s3 import make_s3_client, parse_s3_url
+from schema.s3 import parse_s3_url
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
 from worker.pipeline import Job, Model, Outcome
@@ -18,7 +18,7 @@ from worker.storage import LocalStore, ObjectStore, S3Store
 def plan(settings: Settings, source: str) -> tuple[ObjectStore, list[ObjectRef]]:
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_url(source)
-        return S3Store(make_s3_client(settings)), list(list_objects(settings, bucket, prefix))
+        return S3Store.from_settings(settings), list(list_objects(settings, bucket, prefix))
     root = Path(source)
     if not root.is_dir():
         raise FileNotFoundError(f"{source} is neither a folder nor an s3:// prefix")

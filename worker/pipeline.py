@@ -22,7 +22,7 @@ from worker.decode import DecodedInput, DecodeError, DecodeLimitError
 from worker.decode_pool import DecodePool, DecodePoolError
 from worker.metrics import WorkerMetrics
 from worker.model.config import PreprocessConfig
-from worker.storage import FetchError, LimitError, ObjectStore
+from worker.storage import FetchError, LimitError
 
 
 class Model(Protocol):
@@ -77,7 +77,6 @@ class Pipeline:
         self,
         *,
         model: Model,
-        store: ObjectStore,
         session_factory: Callable[[], Session],
         decoder: DecodePool,
         max_object_bytes: int,
@@ -85,7 +84,6 @@ class Pipeline:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.model = model
-        self.store = store
         self.session_factory = session_factory
         self.decoder = decoder
         self.max_object_bytes = max_object_bytes
@@ -126,7 +124,10 @@ class Pipeline:
         ref = job.ref
         started = time.perf_counter()
         try:
-            fetched = self.store.get(ref, max_bytes=self.max_object_bytes)
+            fetched = self.decoder.fetch(ref, max_bytes=self.max_object_bytes)
+        except DecodePoolError as error:
+            item.result = self._failure(ref, Status.FAILED_FETCH, "")
+            return self._pool_failed(item, error, Status.FAILED_FETCH), None
         except FetchError as error:
             status = Status.FAILED_LIMIT if isinstance(error, LimitError) else Status.FAILED_FETCH
             if error.transient and not job.final_attempt:
@@ -148,7 +149,7 @@ class Pipeline:
         try:
             return item, self.decoder.submit(fetched.data)
         except DecodePoolError as error:
-            return self._pool_failed(item, error), None
+            return self._pool_failed(item, error, Status.FAILED_DECODE), None
 
     def _decoded(self, item: Prepared, pending: Future[DecodedInput] | None) -> Prepared:
         """Wait for the decode of one fetched item; a failure becomes the item's result."""
@@ -159,7 +160,7 @@ class Pipeline:
         try:
             decoded = self.decoder.result(pending)
         except DecodePoolError as error:
-            return self._pool_failed(item, error)
+            return self._pool_failed(item, error, Status.FAILED_DECODE)
         except DecodeError as error:
             result.status = (
                 Status.FAILED_LIMIT if isinstance(error, DecodeLimitError) else Status.FAILED_DECODE
@@ -175,11 +176,11 @@ class Pipeline:
         result.width, result.height = decoded.width, decoded.height
         return item
 
-    def _pool_failed(self, item: Prepared, error: DecodePoolError) -> Prepared:
+    def _pool_failed(self, item: Prepared, error: DecodePoolError, status: Status) -> Prepared:
         """Not the image's fault: retried like a transient fetch error, recorded on the last attempt."""
         assert item.result is not None
         if item.job.final_attempt:
-            item.result.status = Status.FAILED_DECODE
+            item.result.status = status
             item.result.error = f"gave up after retries: {error}"
         else:
             item.result, item.retry_reason = None, f"decode: {error}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schema.db import make_engine, make_session_factory
-from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
 from worker.decode_pool import DecodePool
@@ -24,22 +23,24 @@ def build_pipeline(
     settings: Settings, *, model: Model, store: ObjectStore, metrics: WorkerMetrics | None = None
 ) -> Pipeline:
     engine = make_engine(settings.database_url)
+    decoder = build_decoder(settings, model, store)
     return Pipeline(
         model=model,
-        store=store,
         session_factory=make_session_factory(engine),
-        decoder=build_decoder(settings, model),
+        decoder=decoder,
         max_object_bytes=settings.max_object_bytes,
         fetch_threads=settings.fetch_threads,
         metrics=metrics,
     )
 
 
-def build_decoder(settings: Settings, model: Model) -> DecodePool:
+def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> DecodePool:
     return DecodePool(
+        store=store,
         preprocessing=model.preprocessing,
         max_pixels=settings.max_image_pixels,
         processes=settings.effective_decode_processes,
+        fetch_processes=settings.fetch_threads,
         timeout_s=settings.decode_timeout_s,
         memory_mb=settings.decode_memory_mb,
     )
@@ -57,7 +58,7 @@ class WorkerRuntime:
         pipeline = build_pipeline(
             settings,
             model=model or load_model(settings),
-            store=S3Store(make_s3_client(settings)),
+            store=S3Store.from_settings(settings),
             metrics=metrics,
         )
         batcher = MicroBatcher(

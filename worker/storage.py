@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schema.results import IMAGE_SUFFIXES, ObjectRef
+from schema.s3 import make_s3_client
+from schema.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -24,6 +26,17 @@ class FetchError(Exception):
     def __init__(self, message: str, *, transient: bool) -> None:
         super().__init__(message)
         self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a fetching process and re-raised in the worker: keep the class and `transient`.
+        return (_rebuild_fetch_error, (type(self), str(self), self.transient))
+
+
+def _rebuild_fetch_error(cls: type[FetchError], message: str, transient: bool) -> FetchError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.transient = transient
+    return error
 
 
 class LimitError(FetchError):
@@ -47,8 +60,19 @@ PERMANENT_S3_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "AccessDeni
 
 
 class S3Store:
-    def __init__(self, client: S3Client) -> None:
+    def __init__(self, client: S3Client, *, settings: Settings | None = None) -> None:
         self._client = client
+        self._settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3Store:
+        return cls(make_s3_client(settings), settings=settings)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A fetching process builds its own client (and connection pool) from the same settings.
+        if self._settings is None:
+            raise TypeError("an S3Store made from a bare client cannot cross processes: use from_settings")
+        return (S3Store.from_settings, (self._settings,))
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
         arguments: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key}
