@@ -210,15 +210,20 @@ def ingest_sqs(
 def ingest_backfill(
     url: Annotated[str, typer.Argument(help="s3://bucket/prefix")],
     all_keys: Annotated[bool, typer.Option(help="Queue every key, not only image suffixes")] = False,
+    missing_only: Annotated[
+        bool,
+        typer.Option(help="Queue only objects without a row for the bundle's model version (reconcile)"),
+    ] = False,
 ) -> None:
-    """Queue every existing object under a prefix (first load, or re-processing after a model upgrade)."""
-    from ingest.backfill import list_objects
-    from ingest.publisher import JobPublisher
+    """Queue the existing objects under a prefix (first load, re-processing after a model upgrade, or
+    with --missing-only a periodic reconciliation)."""
+    from ingest.backfill import list_objects, queue_objects
     from schema.s3 import parse_s3_url
 
     settings = _settings()
     bucket, prefix = parse_s3_url(url)
-    report = JobPublisher(settings).publish(list_objects(settings, bucket, prefix, images_only=not all_keys))
+    refs = list_objects(settings, bucket, prefix, images_only=not all_keys)
+    report = queue_objects(settings, refs, missing_only=missing_only)
     console.print(f"queued {report.published} objects from {url} on '{settings.queue}'")
     for reason in report.rejected:
         console.print(f"[yellow]rejected[/yellow] {reason}")
@@ -264,6 +269,9 @@ def soak(
         str | None, typer.Option(help="Use this S3 API server instead of a moto one")
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle for the workers")] = None,
+    reconcile_after: Annotated[
+        float, typer.Option(help="Seconds without progress before missing keys are re-queued")
+    ] = 90.0,
 ) -> None:
     """Push N images through ingest -> Redis -> workers -> Postgres with faults injected; print the ledger."""
     from enrich.soak import run_soak
@@ -283,6 +291,7 @@ def soak(
         seed=seed,
         s3_endpoint=s3_endpoint,
         bundle=bundle,
+        reconcile_after_s=reconcile_after,
         log=console.print,
     )
     for line in ledger.lines():

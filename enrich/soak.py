@@ -20,15 +20,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from enrich.stack import WorkerProcess, catalogue_images, start_moto, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
+from schema.repository import without_rows
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
+from worker.model.config import BundleConfig
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Ledger:
     expected_failed: set[str] = field(default_factory=set)
     kills: int = 0
     db_outages: int = 0
+    reconciled: list[str] = field(default_factory=list)  # keys re-queued after the run stalled without rows
     rows_by_key: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -68,6 +72,7 @@ class Ledger:
             f"events sent          {self.events_sent} (duplicates included)",
             f"worker SIGKILLs      {self.kills}",
             f"database outages     {self.db_outages}",
+            f"re-queued by reconcile {len(self.reconciled)} {self.reconciled[:5]}",
             f"rows by status       {dict(sorted(statuses.items()))}",
             f"expected ok          {len(self.expected_ok)}",
             f"expected failed      {len(self.expected_failed)}",
@@ -91,6 +96,7 @@ def run_soak(
     seed: int,
     s3_endpoint: str | None,
     bundle: Path | None,
+    reconcile_after_s: float = 90.0,
     log: object = print,
 ) -> Ledger:
     say = log if callable(log) else print
@@ -136,11 +142,13 @@ def run_soak(
     say(f"uploaded {ledger.uploaded} images to s3://{bucket}, sent {ledger.events_sent} events")
 
     engine = make_engine(settings.database_url)
+    model_version = BundleConfig.read(settings.model_bundle).version
     procs = [WorkerProcess(worker_settings, quiet=True).process for _ in range(workers)]
     started = time.monotonic()
     # The first kill and outage come at 25% and 50% of the rows, so even a fast run meets both faults;
     # later ones follow the clock.
     next_kill = next_outage = float("inf")
+    last_done, last_progress = -1, started
     try:
         while time.monotonic() - started < timeout_s:
             with engine.connect() as conn:
@@ -153,6 +161,18 @@ def run_soak(
             if done == len(refs):
                 break
             now = time.monotonic()
+            if done != last_done:
+                last_done, last_progress = done, now
+            elif now - last_progress > reconcile_after_s:
+                # What `enrich ingest backfill --missing-only` does on a schedule in production: re-queue
+                # the objects that have no row (a message lost between Redis's BRPOP and kombu's unacked
+                # record when its worker was killed). The ledger names them.
+                with Session(engine) as session:
+                    missing = without_rows(session=session, refs=refs, model_version=model_version)
+                publisher.publish(missing)
+                ledger.reconciled += [ref.key for ref in missing]
+                last_progress = now
+                say(f"[{now - started:5.0f}s] no progress: reconcile re-queued {len(missing)} keys")
             if kill_every_s and (now >= next_kill or (ledger.kills == 0 and done >= len(refs) / 4)):
                 victim = rng.randrange(len(procs))
                 procs[victim].send_signal(signal.SIGKILL)

@@ -111,6 +111,22 @@ def already_enriched(*, session: Session, refs: Iterable[ObjectRef], model_versi
     return {wanted[(b, k, v)] for b, k, v in found}
 
 
+def without_rows(*, session: Session, refs: Iterable[ObjectRef], model_version: str) -> list[ObjectRef]:
+    """Refs with no row at all (of any status) for this model version: jobs that never reached an end."""
+    wanted = {(r.bucket, r.key, r.object_version): r for r in refs}
+    if not wanted:
+        return []
+    identity = tuple_(Enrichment.bucket, Enrichment.key, Enrichment.object_version)
+    found = set(
+        session.execute(
+            select(Enrichment.bucket, Enrichment.key, Enrichment.object_version).where(
+                identity.in_(list(wanted)), Enrichment.model_version == model_version
+            )
+        ).tuples()
+    )
+    return [ref for identity_, ref in wanted.items() if identity_ not in found]
+
+
 @dataclass(frozen=True, slots=True)
 class EnrichmentQuery:
     """Filters of `enrich query`; every value reaches SQL as a bound parameter."""

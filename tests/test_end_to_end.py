@@ -5,6 +5,7 @@ S3 and SQS are moto's server (a real HTTP API); Redis and Postgres are the real 
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
@@ -21,6 +22,8 @@ from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
 from tests.conftest import REDIS_URL, enrich_cli, s3_client, sample_jpegs, wait_for
+from tests.test_repository import failed_result, ok_result, write
+from worker.model.config import BundleConfig
 
 # Keys that break naive handling: spaces, '+', unicode, characters that URL-encoding changes.
 AWKWARD_KEYS = [
@@ -168,3 +171,24 @@ def test_queued_images_are_inferred_in_ceil_n_over_batch_passes(
     assert worker.metric("enrich_forward_passes_total") == math.ceil(10 / 4)
     assert worker.metric("enrich_batch_size_count") == 3
     assert sorted(row.timings_ms["batch_size"] for row in rows(pg_engine)) == [2] * 2 + [4] * 8  # type: ignore[index]
+
+
+def test_backfill_missing_only_requeues_just_the_objects_that_never_got_a_row(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str
+) -> None:
+    # The reconciliation for a job lost in transit (a worker killed between Redis's BRPOP and kombu's
+    # unacked record leaves neither a message nor a row): a failed row is a final state too.
+    keys = ["m/enriched.jpg", "m/failed.jpg", "m/lost.jpg"]
+    etags = put_images(moto_server, bucket, keys)
+    version = BundleConfig.read(settings.model_bundle).version
+    ok = ok_result(ObjectRef(bucket, keys[0], etag=etags[keys[0]]), version=version)
+    write(pg_engine, ok, failed_result(ObjectRef(bucket, keys[1], etag=etags[keys[1]]), version=version))
+    # A row for another model version does not count: that version has not seen the object.
+    write(pg_engine, ok_result(ObjectRef(bucket, keys[2], etag=etags[keys[2]]), version="0.0.1-old"))
+
+    result = enrich_cli(settings, "ingest", "backfill", f"s3://{bucket}/m/", "--missing-only")
+
+    assert "queued 1 objects" in result.stdout
+    queued = redis.Redis.from_url(REDIS_URL).lrange(settings.queue, 0, -1)
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in queued]
+    assert [args[0]["key"] for args, _kwargs, _embed in bodies] == ["m/lost.jpg"]
