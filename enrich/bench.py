@@ -73,7 +73,7 @@ class BenchReport:
             names = ", ".join(self.ceilings)
             rows.append(f"| end_to_end / min({names}) | {self.efficiency:.0%} (bound by {self.bound}) |")
         if self.worker_cpu_ms is not None:
-            cap = f"one process: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
+            cap = f"one core's worth: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
             rows.append(f"| worker process CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
