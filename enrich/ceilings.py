@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.decode_pool import DecodePool
+from worker.image_pool import ImagePool
 from worker.storage import LocalStore
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _timed(work: Callable[[], object]) -> float:
 
 
 def decode_ceiling(
-    decoder: DecodePool, blobs: list[bytes], *, threads: int
+    decoder: ImagePool, blobs: list[bytes], *, threads: int
 ) -> tuple[float, list[torch.Tensor]]:
     """Images/s through the worker's own decode path (its process pool; `threads` callers when inline)."""
 
@@ -80,7 +80,7 @@ def main() -> None:
     from worker.model.bundle import load_bundle
 
     model = load_bundle(args.bundle, device=args.device)
-    decoder = DecodePool(
+    decoder = ImagePool(
         store=LocalStore(Path.cwd()),  # unused: only decoding is measured
         preprocessing=model.preprocessing,
         max_pixels=60_000_000,

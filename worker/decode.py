@@ -1,5 +1,5 @@
 """Bytes -> an RGB PIL image, within limits on pixels, with EXIF orientation applied, and on to the
-network's uint8 input. Free of torch: it runs in decoding worker processes (worker/decode_pool.py)."""
+network's uint8 input. Free of torch: it runs in decoding worker processes (worker/image_pool.py)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from schema.repository import already_enriched, upsert_enrichments
 from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
 from worker.decode import DecodedInput, DecodeError, DecodeLimitError
-from worker.decode_pool import DecodePool, DecodePoolError
+from worker.image_pool import ImagePool, ImagePoolError
 from worker.metrics import WorkerMetrics
 from worker.model.config import PreprocessConfig
 from worker.storage import FetchError, LimitError
@@ -78,7 +78,7 @@ class Pipeline:
         *,
         model: Model,
         session_factory: Callable[[], Session],
-        decoder: DecodePool,
+        decoder: ImagePool,
         max_object_bytes: int,
         fetch_threads: int,
         metrics: WorkerMetrics | None = None,
@@ -98,7 +98,7 @@ class Pipeline:
         """One micro-batch end to end; returns one Outcome per job, in order."""
         return self.infer_and_sink(self.prepare(jobs))
 
-    # -- stage 1: skip, fetch (threads) and decode (processes) -------------------------------------------
+    # -- stage 1: skip, fetch and decode (in worker processes, driven by the fetch threads) -------------
 
     def prepare(self, jobs: Sequence[Job]) -> list[Prepared]:
         started = time.perf_counter()
@@ -125,7 +125,7 @@ class Pipeline:
         started = time.perf_counter()
         try:
             fetched = self.decoder.fetch(ref, max_bytes=self.max_object_bytes)
-        except DecodePoolError as error:
+        except ImagePoolError as error:
             item.result = self._failure(ref, Status.FAILED_FETCH, "")
             return self._pool_failed(item, error, Status.FAILED_FETCH), None
         except FetchError as error:
@@ -148,7 +148,7 @@ class Pipeline:
         )
         try:
             return item, self.decoder.submit(fetched.data)
-        except DecodePoolError as error:
+        except ImagePoolError as error:
             return self._pool_failed(item, error, Status.FAILED_DECODE), None
 
     def _decoded(self, item: Prepared, pending: Future[DecodedInput] | None) -> Prepared:
@@ -159,7 +159,7 @@ class Pipeline:
         assert result is not None
         try:
             decoded = self.decoder.result(pending)
-        except DecodePoolError as error:
+        except ImagePoolError as error:
             return self._pool_failed(item, error, Status.FAILED_DECODE)
         except DecodeError as error:
             result.status = (
@@ -176,7 +176,7 @@ class Pipeline:
         result.width, result.height = decoded.width, decoded.height
         return item
 
-    def _pool_failed(self, item: Prepared, error: DecodePoolError, status: Status) -> Prepared:
+    def _pool_failed(self, item: Prepared, error: ImagePoolError, status: Status) -> Prepared:
         """Not the image's fault: retried like a transient fetch error, recorded on the last attempt."""
         assert item.result is not None
         if item.job.final_attempt:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from schema.db import make_engine, make_session_factory
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
-from worker.decode_pool import DecodePool
+from worker.image_pool import ImagePool
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Model, Pipeline
 from worker.storage import ObjectStore, S3Store
@@ -34,8 +34,8 @@ def build_pipeline(
     )
 
 
-def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> DecodePool:
-    return DecodePool(
+def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> ImagePool:
+    return ImagePool(
         store=store,
         preprocessing=model.preprocessing,
         max_pixels=settings.max_image_pixels,

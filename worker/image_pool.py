@@ -42,7 +42,7 @@ class DecodeTimeoutError(DecodeLimitError):
     pass
 
 
-class DecodePoolError(RuntimeError):
+class ImagePoolError(RuntimeError):
     """The pool itself failed (not the image): the job should be retried, not recorded as failed."""
 
 
@@ -78,7 +78,7 @@ class _RestartingPool:
                 if self._pool is pool:
                     pool.stop()
                     self._pool = self._start()
-            raise DecodePoolError(f"pool restarted after: {error}") from None
+            raise ImagePoolError(f"pool restarted after: {error}") from None
 
     def close(self) -> None:
         self._pool.close()
@@ -91,7 +91,7 @@ def _process_pool(processes: int, initializer: Callable[..., None], *initargs: A
     return ProcessPool(max_workers=processes, initializer=initializer, initargs=initargs, context=context)
 
 
-class DecodePool:
+class ImagePool:
     """Fetches objects (`fetch_processes` processes) and turns their bytes into the network's input
     (`processes` processes); with processes=0 both run in the calling thread."""
 
@@ -119,7 +119,7 @@ class DecodePool:
             self._fetchers = _RestartingPool(lambda: _process_pool(fetch_processes, _set_store, store))
 
     def fetch(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
-        """The object's bytes; FetchError as the store raises it, DecodePoolError if the pool failed."""
+        """The object's bytes; FetchError as the store raises it, ImagePoolError if the pool failed."""
         if self._fetchers is None:
             return self.store.get(ref, max_bytes=max_bytes)
         # No timeout here: the S3 client's own connect/read timeouts bound a fetch, as transient errors.
@@ -130,7 +130,7 @@ class DecodePool:
             message = f"the fetching process died (exit code {error.exitcode})"
             raise FetchError(message, transient=True) from None
         except BrokenProcessPool as error:
-            raise DecodePoolError(f"fetching pool broken: {error}") from None
+            raise ImagePoolError(f"fetching pool broken: {error}") from None
 
     def submit(self, data: bytes) -> Future[DecodedInput]:
         """Start decoding; collect the outcome with `result`."""
@@ -155,7 +155,7 @@ class DecodePool:
         except ProcessExpired as error:
             raise DecodeError(f"the decoding process died (exit code {error.exitcode})") from None
         except BrokenProcessPool as error:
-            raise DecodePoolError(f"decoding pool broken: {error}") from None
+            raise ImagePoolError(f"decoding pool broken: {error}") from None
 
     def decode(self, data: bytes) -> DecodedInput:
         return self.result(self.submit(data))
