@@ -8,7 +8,7 @@ imported only the torch-free modules: cheap to start, and never a fork of a CUDA
 
 The S3 GETs run in processes too, each with its own client: a boto3 GET costs 2-2.5 ms of Python on the
 development machine, which in the worker process would share one GIL with Celery and the batcher (the
-worker process measured 8.2 ms of CPU per image with fetches in its threads, 5.3 ms without). Fetching
+worker process measured 8.2 ms of CPU per image with fetches in its threads, 6.3 ms without). Fetching
 has its own pool, as many processes as `fetch_threads`, because a fetch mostly waits on the network and
 must not hold up decodes; and fetch and decode stay two tasks, so a slow S3 read is a transient fetch
 error, never a decode over its time limit.
