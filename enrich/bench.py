@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 
 from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
-from enrich.stack import WorkerProcess, start_moto
+from enrich.stack import WorkerGroup, start_moto
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.migrate import upgrade
@@ -45,10 +45,11 @@ class BenchReport:
     images: int
     device: str
     batch_size: int
+    worker_processes: int = 1
     rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
     latency_ms: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)  # MiB
-    worker_cpu_ms: float | None = None  # the worker process's own CPU per image during (c)
+    worker_cpu_ms: float | None = None  # the worker processes' own CPU per image during (c)
 
     @property
     def ceilings(self) -> dict[str, float]:
@@ -67,6 +68,8 @@ class BenchReport:
 
     def lines(self) -> list[str]:
         head = f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}"
+        if self.worker_processes > 1:
+            head += f", {self.worker_processes} worker processes"
         rows = [f"| {head} | |", "|---|---|"]
         rows += [f"| {name} | {rate:,.1f} images/s |" for name, rate in self.rates.items()]
         if self.efficiency is not None:
@@ -74,7 +77,7 @@ class BenchReport:
             rows.append(f"| end_to_end / min({names}) | {self.efficiency:.0%} (bound by {self.bound}) |")
         if self.worker_cpu_ms is not None:
             cap = f"one core's worth: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
-            rows.append(f"| worker process CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
+            rows.append(f"| worker processes' CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
             rows.append(f"| speed-up over naive | {speedup:.1f}x |")
@@ -130,29 +133,32 @@ class Stack:
             list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs))
         return len(refs) / (time.perf_counter() - started)
 
-    def start_worker(self, queue: str, *args: str) -> WorkerProcess:
-        worker = WorkerProcess(self.settings.model_copy(update={"queue": queue}), *args, quiet=True)
-        worker.wait_ready()
-        return worker
+    def start_workers(self, queue: str, processes: int, *args: str) -> WorkerGroup:
+        settings = self.settings.model_copy(update={"queue": queue})
+        workers = WorkerGroup(settings, processes, *args, quiet=True)
+        workers.wait_ready()
+        return workers
 
-    def end_to_end(self, blobs: list[bytes], *worker_args: str) -> tuple[float, float, WorkerProcess]:
-        """images/s from the first publish to the last committed row, and the worker process's own CPU
-        milliseconds per image meanwhile (one process cannot run faster than 1,000 / that, whatever the
-        device: it is the Python of messaging, fetching and batching). Returns the (running) worker too."""
+    def end_to_end(
+        self, blobs: list[bytes], *worker_args: str, processes: int = 1
+    ) -> tuple[float, float, WorkerGroup]:
+        """images/s from the first publish to the last committed row, and the worker processes' own CPU
+        milliseconds per image meanwhile (the Python of messaging, fetching and batching, and the model on
+        a CPU; not their fetching and decoding processes). Returns the (running) workers too."""
         prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
         refs = self.upload(prefix, blobs)
-        worker = self.start_worker(queue, *worker_args)
+        worker = self.start_workers(queue, processes, *worker_args)
         publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
         cpu_before, started = worker.cpu_seconds(), time.perf_counter()
         publisher.publish(refs)
         while self.rows_under(prefix) < len(refs):
-            if worker.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {worker.process.returncode}")
+            if (code := worker.exited()) is not None:
+                raise RuntimeError(f"worker exited with {code}")
             time.sleep(0.05)
         rate = len(refs) / (time.perf_counter() - started)
         return rate, (worker.cpu_seconds() - cpu_before) * 1000 / len(refs), worker
 
-    def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
+    def latency(self, worker: WorkerGroup, blobs: list[bytes], *, rate: float) -> dict[str, float]:
         """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
         prefix = f"lat-{uuid.uuid4().hex[:6]}"
         publisher = JobPublisher(self.settings.model_copy(update={"queue": worker.settings.queue}))
@@ -202,9 +208,16 @@ def run_bench(
     naive_images: int,
     latency_images: int,
     say: Callable[[str], None],
+    worker_processes: int = 1,
 ) -> BenchReport:
     device = str(getattr(model, "device", settings.device))
-    report = BenchReport(label=label, images=len(blobs), device=device, batch_size=settings.batch_size)
+    report = BenchReport(
+        label=label,
+        images=len(blobs),
+        device=device,
+        batch_size=settings.batch_size,
+        worker_processes=worker_processes,
+    )
     decoder = build_decoder(settings, model, LocalStore(Path.cwd()))  # only decoding is measured here
     try:
         rate, tensors = decode_ceiling(decoder, blobs, threads=settings.fetch_threads)
@@ -223,10 +236,10 @@ def run_bench(
     try:
         report.rates["fetch"] = stack.fetch_ceiling(blobs, threads=settings.fetch_threads)
         say(f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s ({settings.fetch_threads} threads)")
-        rate, cpu_ms, worker = stack.end_to_end(blobs)
+        rate, cpu_ms, worker = stack.end_to_end(blobs, processes=worker_processes)
         report.rates["end_to_end"] = rate
         report.worker_cpu_ms = cpu_ms
-        say(f"(c) end to end: {rate:,.1f} images/s; worker process CPU {cpu_ms:.2f} ms per image")
+        say(f"(c) end to end: {rate:,.1f} images/s; worker processes' CPU {cpu_ms:.2f} ms per image")
         try:
             offered = max(rate / 2, 1.0)
             report.latency_ms = stack.latency(worker, blobs[:latency_images], rate=offered)

@@ -315,6 +315,9 @@ def bench(
         str | None, typer.Option(help="S3 API server (default: a moto server here)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Append the results as Markdown to this file")] = None,
+    worker_processes: Annotated[
+        int, typer.Option(help="Worker processes sharing the device in (c) and (d)")
+    ] = 1,
 ) -> None:
     """Measure model and decode ceilings, end-to-end throughput, latency and memory; print the figures."""
     from enrich.bench import markdown_section, run_bench
@@ -342,6 +345,7 @@ def bench(
                 naive_images=naive if naive is not None else min(count, 128),
                 latency_images=min(count, 512),
                 say=console.print,
+                worker_processes=worker_processes,
             )
         )
     section = markdown_section(reports, "enrich " + " ".join(sys.argv[1:]))

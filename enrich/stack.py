@@ -108,6 +108,40 @@ class WorkerProcess:
                 self.process.wait()
 
 
+class WorkerGroup:
+    """N `enrich worker` processes on one queue (and one device): how one GPU is shared by several
+    processes, each with its own Celery consumer, GIL and CUDA context. Figures are summed."""
+
+    def __init__(self, settings: Settings, processes: int, *args: str, quiet: bool = False) -> None:
+        if processes > 1 and settings.decode_processes < 0:
+            # Split the cores between the groups' decoding pools instead of oversubscribing them.
+            cores = settings.effective_decode_processes
+            settings = settings.model_copy(update={"decode_processes": max(1, cores // processes)})
+        self.settings = settings
+        self.workers = [WorkerProcess(settings, *args, quiet=quiet) for _ in range(processes)]
+
+    def wait_ready(self) -> None:
+        for worker in self.workers:
+            worker.wait_ready()
+
+    def exited(self) -> int | None:
+        """The exit code of a worker that has stopped, else None."""
+        return next((w.process.returncode for w in self.workers if w.process.poll() is not None), None)
+
+    def cpu_seconds(self) -> float:
+        return sum(worker.cpu_seconds() for worker in self.workers)
+
+    def peak_rss_mib(self) -> float:
+        return sum(worker.peak_rss_mib() for worker in self.workers)
+
+    def metric(self, name: str) -> float:
+        return sum(worker.metric(name) for worker in self.workers)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
 def start_moto() -> tuple[ThreadedMotoServer, str]:
     """moto's S3+SQS API server on a loopback port (a dev dependency: `pip install -e .[dev]`)."""
     from moto.server import ThreadedMotoServer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from enrich.bench import markdown_section, run_bench
+from enrich.bench import Stack, markdown_section, run_bench
 from enrich.stack import catalogue_images
 from schema.settings import Settings
 from worker.runtime import load_model
@@ -33,4 +33,23 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
     assert report.worker_cpu_ms is not None and report.worker_cpu_ms > 0
     section = markdown_section([report], "enrich bench")
     assert "speed-up over naive" in section and "upload-to-row latency p95" in section
-    assert "worker process CPU per image" in section
+    assert "worker processes' CPU per image" in section
+
+
+def test_several_worker_processes_share_one_queue_and_their_figures_are_summed(
+    settings: Settings, pg_engine: Engine, moto_server: str
+) -> None:
+    settings = settings.model_copy(update={"batch_size": 4, "max_wait_ms": 50})
+    stack = Stack(settings, moto_server)
+    try:
+        rate, cpu_ms, workers = stack.end_to_end(catalogue_images(32), processes=2)
+        try:
+            passes = [worker.metric("enrich_forward_passes_total") for worker in workers.workers]
+            assert rate > 0 and cpu_ms > 0
+            assert all(count > 0 for count in passes)  # both consumed from the queue
+            assert workers.metric("enrich_forward_passes_total") == sum(passes)
+            assert workers.peak_rss_mib() > 2 * 100
+        finally:
+            workers.stop()
+    finally:
+        stack.close()
