@@ -24,7 +24,9 @@ def make_engine(database_url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # executemany through psycopg's pipeline rather than SQLAlchemy's "insertmanyvalues" rewrite into one
+    # long multi-row statement, which psycopg would have to parse again for every batch.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, use_insertmanyvalues=False)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
