@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from enrich.stack import WorkerProcess, catalogue_images, start_moto, with_port
 from enrich.tcp_proxy import TcpProxy
+from ingest.backfill import without_a_row
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
-from schema.repository import without_rows
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
@@ -168,7 +168,7 @@ def run_soak(
                 # the objects that have no row (a message lost between Redis's BRPOP and kombu's unacked
                 # record when its worker was killed). The ledger names them.
                 with Session(engine) as session:
-                    missing = without_rows(session=session, refs=refs, model_version=model_version)
+                    missing = list(without_a_row(session, refs, model_version=model_version))
                 publisher.publish(missing)
                 ledger.reconciled += [ref.key for ref in missing]
                 last_progress = now
