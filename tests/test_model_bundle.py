@@ -183,3 +183,11 @@ def test_beam_search_of_width_one_is_greedy_and_wider_beams_keep_the_contract(bu
     for row in wide_ids.tolist():  # pad only after EOS
         if codec.eos in row:
             assert set(row[row.index(codec.eos) + 1 :]) <= {codec.pad}
+
+
+def test_a_title_never_shows_the_unknown_word_token() -> None:
+    titles = ["Puma Men Black Backpack", "Nike Women White Tshirt"]
+    codec = TitleCodec(train_tokenizer(titles, min_frequency=1))
+    ids = codec.encode("Puma Men Zorblax Backpack", max_tokens=8)
+    assert codec.unk in ids  # the rare word has no id of its own
+    assert codec.decode(ids) == "Puma Men Backpack"

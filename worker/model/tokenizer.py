@@ -35,7 +35,8 @@ class TitleCodec:
             raise ValueError(f"tokenizer lacks one of the special tokens {SPECIAL_TOKENS}")
         self.pad, self.bos, self.eos, self.unk = ids
         self.vocab_size = tokenizer.get_vocab_size()
-        self._special = {self.pad, self.bos, self.eos}
+        # [UNK] stands for a word too rare to have its own id; a title is better without it than with it.
+        self._special = {self.pad, self.bos, self.eos, self.unk}
 
     @classmethod
     def from_json(cls, text: str) -> TitleCodec:
@@ -56,5 +57,5 @@ class TitleCodec:
                 break
             if i in self._special:
                 continue
-            words.append(self.tokenizer.id_to_token(int(i)) or UNK)
-        return " ".join(words)
+            words.append(self.tokenizer.id_to_token(int(i)) or "")
+        return " ".join(word for word in words if word)
