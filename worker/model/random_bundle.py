@@ -65,4 +65,8 @@ def write_random_bundle(path: Path, *, image_size: tuple[int, int] = (64, 48), s
     config = random_config(image_size)
     codec = TitleCodec(train_tokenizer(_TITLES, min_frequency=1))
     net = create_model(config, codec.vocab_size)
+    with torch.no_grad():
+        # Titles drop [UNK]; keep random titles non-empty by never letting it win (its logit stays 0 while
+        # the words' are random, the output projection being tied to the embedding).
+        net.decoder.tok_emb.weight[codec.unk].zero_()
     return save_bundle(net, config, codec, Path(path))
