@@ -183,7 +183,7 @@ class Pipeline:
             item.result.status = status
             item.result.error = f"gave up after retries: {error}"
         else:
-            item.result, item.retry_reason = None, f"decode: {error}"
+            item.result, item.retry_reason = None, f"{status.value}: {error}"
         return item
 
     def _failure(
