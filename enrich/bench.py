@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 
 from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
-from enrich.stack import WorkerGroup, start_moto
+from enrich.stack import WorkerProcess, start_moto
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.migrate import upgrade
@@ -133,21 +133,21 @@ class Stack:
             list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs))
         return len(refs) / (time.perf_counter() - started)
 
-    def start_workers(self, queue: str, processes: int, *args: str) -> WorkerGroup:
-        settings = self.settings.model_copy(update={"queue": queue})
-        workers = WorkerGroup(settings, processes, *args, quiet=True)
-        workers.wait_ready()
-        return workers
+    def start_worker(self, queue: str, processes: int, *args: str) -> WorkerProcess:
+        settings = self.settings.model_copy(update={"queue": queue, "worker_processes": processes})
+        worker = WorkerProcess(settings, *args, quiet=True)
+        worker.wait_ready()
+        return worker
 
     def end_to_end(
         self, blobs: list[bytes], *worker_args: str, processes: int = 1
-    ) -> tuple[float, float, WorkerGroup]:
+    ) -> tuple[float, float, WorkerProcess]:
         """images/s from the first publish to the last committed row, and the worker processes' own CPU
         milliseconds per image meanwhile (the Python of messaging, fetching and batching, and the model on
         a CPU; not their fetching and decoding processes). Returns the (running) workers too."""
         prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
         refs = self.upload(prefix, blobs)
-        worker = self.start_workers(queue, processes, *worker_args)
+        worker = self.start_worker(queue, processes, *worker_args)
         publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
         cpu_before, started = worker.cpu_seconds(), time.perf_counter()
         publisher.publish(refs)
@@ -158,7 +158,7 @@ class Stack:
         rate = len(refs) / (time.perf_counter() - started)
         return rate, (worker.cpu_seconds() - cpu_before) * 1000 / len(refs), worker
 
-    def latency(self, worker: WorkerGroup, blobs: list[bytes], *, rate: float) -> dict[str, float]:
+    def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
         """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
         prefix = f"lat-{uuid.uuid4().hex[:6]}"
         publisher = JobPublisher(self.settings.model_copy(update={"queue": worker.settings.queue}))

@@ -122,21 +122,42 @@ def worker(
     max_wait_ms: Annotated[int | None, typer.Option(help="Longest wait to fill a batch")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Tasks held at once (default 2 x batch)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    processes: Annotated[
+        int | None, typer.Option(help="Worker processes sharing the device, supervised by this one")
+    ] = None,
     pool: Annotated[
         Pool, typer.Option(help="threads (default) or solo; never prefork: CUDA and fork")
     ] = Pool.threads,
     loglevel: str = "info",
 ) -> None:
     """Consume enrichment tasks from the Redis queue in micro-batches and write rows."""
+    _logging(loglevel)
+    settings = _settings(
+        batch_size=batch_size,
+        max_wait_ms=max_wait_ms,
+        worker_concurrency=concurrency,
+        device=device,
+        worker_processes=processes,
+    )
+    if settings.worker_processes > 1:
+        from worker.supervisor import WorkerSupervisor
+
+        command = [
+            sys.executable,
+            "-m",
+            "enrich.cli",
+            "worker",
+            f"--pool={pool.value}",
+            f"--loglevel={loglevel}",
+        ]
+        raise typer.Exit(WorkerSupervisor(settings, command).run())
+
     from worker.runtime import WorkerRuntime
     from worker.tasks import make_worker_app
 
-    _logging(loglevel)
-    settings = _settings(
-        batch_size=batch_size, max_wait_ms=max_wait_ms, worker_concurrency=concurrency, device=device
-    )
     runtime = WorkerRuntime.build(settings)
     runtime.metrics.serve(settings.metrics_port)
+    runtime.metrics.ready.set(1)
     celery_app = make_worker_app(settings, runtime)
     try:
         celery_app.worker_main(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import os
 import random
 import socket
@@ -17,26 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from schema.settings import REPO_ROOT, Settings
+from schema.settings import REPO_ROOT, Settings, settings_env
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 IMAGE_SETS = {"small": DATASETS / "fashion-small" / "images", "fullres": DATASETS / "fashion-fullres"}
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment in which a child process reads the same Settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        # pydantic-settings reads list-valued variables as JSON.
-        env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
-    return env
 
 
 def free_port() -> int:
@@ -46,7 +31,8 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    """An `enrich worker` child process with its own metrics port."""
+    """An `enrich worker` child process with its own metrics port; with `settings.worker_processes` > 1, the
+    supervisor of that many worker processes, whose figures are summed."""
 
     def __init__(self, settings: Settings, *args: str, quiet: bool = False) -> None:
         self.settings = settings.model_copy(update={"metrics_port": free_port()})
@@ -80,23 +66,39 @@ class WorkerProcess:
         return total
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """The metrics port answers once the model is loaded, just before Celery starts consuming."""
+        """Ready once every worker process has loaded its model, just before Celery starts consuming."""
         deadline = time.monotonic() + timeout
-        while math.isnan(self.metric("enrich_forward_passes_total")):
+        while not self.metric("enrich_worker_processes_ready") >= self.settings.worker_processes:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start (exit code {self.process.poll()})")
             time.sleep(0.2)
 
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def worker_pids(self) -> list[int]:
+        """The Celery worker processes: this one, or the supervisor's children (never decoding processes)."""
+        pid = self.process.pid
+        if self.settings.worker_processes <= 1:
+            return [pid]
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
     def cpu_seconds(self) -> float:
-        """CPU time (user + system, every thread) of the worker process itself, not its decoding processes."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time (user + system, every thread) of the worker processes themselves, not their decoding
+        processes."""
+        total = 0
+        for pid in self.worker_pids():
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            line = next(line for line in status if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
+        total = 0
+        for pid in self.worker_pids():
+            with open(f"/proc/{pid}/status") as status:
+                total += int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+        return total / 1024
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -106,40 +108,6 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-class WorkerGroup:
-    """N `enrich worker` processes on one queue (and one device): how one GPU is shared by several
-    processes, each with its own Celery consumer, GIL and CUDA context. Figures are summed."""
-
-    def __init__(self, settings: Settings, processes: int, *args: str, quiet: bool = False) -> None:
-        if processes > 1 and settings.decode_processes < 0:
-            # Split the cores between the groups' decoding pools instead of oversubscribing them.
-            cores = settings.effective_decode_processes
-            settings = settings.model_copy(update={"decode_processes": max(1, cores // processes)})
-        self.settings = settings
-        self.workers = [WorkerProcess(settings, *args, quiet=quiet) for _ in range(processes)]
-
-    def wait_ready(self) -> None:
-        for worker in self.workers:
-            worker.wait_ready()
-
-    def exited(self) -> int | None:
-        """The exit code of a worker that has stopped, else None."""
-        return next((w.process.returncode for w in self.workers if w.process.poll() is not None), None)
-
-    def cpu_seconds(self) -> float:
-        return sum(worker.cpu_seconds() for worker in self.workers)
-
-    def peak_rss_mib(self) -> float:
-        return sum(worker.peak_rss_mib() for worker in self.workers)
-
-    def metric(self, name: str) -> float:
-        return sum(worker.metric(name) for worker in self.workers)
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
 
 
 def start_moto() -> tuple[ThreadedMotoServer, str]:

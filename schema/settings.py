@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
     max_wait_ms: int = 50
     # Tasks one worker process holds at once; enough to fill the next batch while one runs.
     worker_concurrency: int = 0  # 0: 2 x batch_size
+    # Worker processes (Celery consumers) one `enrich worker` runs and supervises on the same device: one
+    # process's Python (messaging, batching, the upsert) caps it at a few hundred images/s, below a GPU.
+    worker_processes: int = 1
     fetch_threads: int = 8
     # Prometheus metrics of a worker process (ingest serves them on its own HTTP port).
     metrics_port: int = 9100
@@ -77,3 +81,16 @@ class Settings(BaseSettings):
         if self.decode_processes >= 0:
             return self.decode_processes
         return len(os.sched_getaffinity(0))
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment in which a child process reads the same Settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        # pydantic-settings reads list-valued variables as JSON.
+        env[f"ENRICH_{name.upper()}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return env

@@ -17,10 +17,10 @@ import redis
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
-from enrich.stack import WorkerProcess, free_port, settings_env
+from enrich.stack import WorkerProcess, free_port
 from schema.db import make_engine
 from schema.migrate import upgrade
-from schema.settings import Settings
+from schema.settings import Settings, settings_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -141,7 +141,7 @@ def test_secrets_never_appear_in_settings_reprs_or_worker_logs(settings: Setting
     import subprocess
     import sys
 
-    from enrich.stack import settings_env
+    from schema.settings import settings_env
     from tests.conftest import REPO
 
     secret_settings = settings.model_copy(

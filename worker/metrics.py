@@ -1,4 +1,7 @@
-"""Prometheus metrics of one worker process, on a registry of its own (no import-time globals)."""
+"""Prometheus metrics of one worker process, on a registry of its own (no import-time globals).
+
+Under `enrich worker --processes N` the supervisor sets PROMETHEUS_MULTIPROC_DIR for its children, so these
+values land in files it aggregates and serves on one port; gauges say how they combine across processes."""
 
 from __future__ import annotations
 
@@ -31,7 +34,14 @@ class WorkerMetrics:
         )
         self.device_memory_peak = Gauge(
             "enrich_device_memory_peak_bytes",
-            "Peak GPU memory allocated by this process",
+            "Peak GPU memory allocated by the worker processes (summed over the live ones)",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "enrich_worker_processes_ready",
+            "Worker processes that have loaded the model and consume the queue",
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         self.stage_seconds = Histogram(

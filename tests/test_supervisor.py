@@ -1,0 +1,67 @@
+"""`enrich worker --processes N`: N Celery consumers on one device, kept alive by one supervisor process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sqlalchemy import Engine
+
+from schema.settings import Settings, settings_env
+from tests.conftest import REPO, wait_for
+from tests.test_end_to_end import put_images, unacked_for
+from tests.test_reliability import one_ok_row_per_key, publish, queue_length
+
+
+def test_supervised_processes_all_consume_a_killed_one_is_replaced_and_sigterm_stops_them(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
+) -> None:  # type: ignore[no-untyped-def]
+    keys = [f"pool/{i}.jpg" for i in range(8)]
+    # Each process holds at most 4 messages (concurrency 4, prefetch 1) and waits 3 s to fill a batch of 32,
+    # so 8 held messages at once means both processes consume.
+    settings = settings.model_copy(
+        update={"worker_processes": 2, "worker_concurrency": 4, "batch_size": 32, "max_wait_ms": 3000}
+    )
+    settings = settings.model_copy(update={"visibility_timeout_s": 3})
+    worker = start_worker(settings)
+    worker.wait_ready()
+    first_pids = worker.worker_pids()
+    assert len(first_pids) == 2
+
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    wait_for(lambda: unacked_for(settings.queue) == 8 and queue_length(settings.queue) == 0, what="8 held")
+    os.kill(first_pids[0], signal.SIGKILL)  # its 4 messages come back after the visibility timeout
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="8 ok rows, each once")
+
+    wait_for(
+        lambda: len(worker.worker_pids()) == 2 and first_pids[0] not in worker.worker_pids(), what="restart"
+    )
+    wait_for(lambda: worker.metric("enrich_worker_processes_ready") == 2, what="the replacement is ready")
+    assert first_pids[1] in worker.worker_pids()
+
+    children = worker.worker_pids()
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=60) == 0
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+
+
+def test_a_supervised_process_that_cannot_start_stops_the_supervisor_with_its_error(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"worker_processes": 2, "model_bundle": REPO / "no-such-bundle"})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "enrich.cli", "worker", "--loglevel", "warning"],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "no-such-bundle" in result.stderr
+    assert "before all were ready" in result.stderr
+    assert time.monotonic() - started < 60  # no restart loop
