@@ -9,6 +9,7 @@ and a naive baseline: the same stack with one image per task and one forward pas
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -19,10 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
 from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
-from enrich.stack import WorkerProcess, start_moto
+from enrich.stack import NANIO_CREDENTIALS, NanioServer, WorkerProcess, machine_busy_seconds, start_moto
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.migrate import upgrade
@@ -30,6 +32,7 @@ from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from schema.tables import Enrichment
+from worker.image_pool import ImagePool
 from worker.pipeline import Model
 from worker.runtime import build_decoder
 from worker.storage import LocalStore, S3Store
@@ -46,38 +49,61 @@ class BenchReport:
     device: str
     batch_size: int
     worker_processes: int = 1
+    s3_server: str = "moto"
     rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
     latency_ms: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)  # MiB
     worker_cpu_ms: float | None = None  # the worker processes' own CPU per image during (c)
+    machine_cpu_ms: float | None = None  # every process's CPU per image during (c)
 
     @property
-    def ceilings(self) -> dict[str, float]:
-        return {k: v for k, v in self.rates.items() if k in CEILINGS}
+    def cores(self) -> int:
+        return len(os.sched_getaffinity(0))
+
+    @property
+    def limits(self) -> dict[str, float]:
+        """What (c) cannot exceed: each stage's ceiling, and the machine's cores at (c)'s CPU per image
+        (every process on the machine shares them: S3 server, Redis, Postgres, worker, decoding)."""
+        limits = {name: self.rates[name] for name in CEILINGS if name in self.rates}
+        if self.machine_cpu_ms:
+            limits["machine CPU"] = self.cores * 1000 / self.machine_cpu_ms
+        return limits
 
     @property
     def bound(self) -> str:
-        ceilings = self.ceilings
-        return min(ceilings, key=ceilings.__getitem__) if ceilings else "?"
+        limits = self.limits
+        return min(limits, key=limits.__getitem__) if limits else "?"
 
     @property
     def efficiency(self) -> float | None:
+        """(c) / min(a, b): the share of the model and decode ceilings the whole stack delivers."""
         if "end_to_end" not in self.rates or not {"model", "decode"} <= set(self.rates):
             return None
-        return self.rates["end_to_end"] / min(self.ceilings.values())
+        return self.rates["end_to_end"] / min(self.rates["model"], self.rates["decode"])
 
     def lines(self) -> list[str]:
-        head = f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}"
+        head = (
+            f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}, S3 {self.s3_server}"
+        )
         if self.worker_processes > 1:
             head += f", {self.worker_processes} worker processes"
         rows = [f"| {head} | |", "|---|---|"]
         rows += [f"| {name} | {rate:,.1f} images/s |" for name, rate in self.rates.items()]
         if self.efficiency is not None:
-            names = ", ".join(self.ceilings)
-            rows.append(f"| end_to_end / min({names}) | {self.efficiency:.0%} (bound by {self.bound}) |")
+            rows.append(f"| end_to_end / min(model, decode) | {self.efficiency:.0%} |")
+            limit = self.limits[self.bound]
+            share = self.rates["end_to_end"] / limit
+            rows.append(
+                f"| tightest limit | {self.bound}: {limit:,.0f} images/s (end_to_end reaches {share:.0%}) |"
+            )
         if self.worker_cpu_ms is not None:
             cap = f"one core's worth: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
             rows.append(f"| worker processes' CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
+        if self.machine_cpu_ms is not None:
+            cap = f"{self.cores} cores: <= {self.cores * 1000 / self.machine_cpu_ms:,.0f} images/s"
+            rows.append(
+                f"| whole machine's CPU per image (every process) | {self.machine_cpu_ms:.2f} ms ({cap}) |"
+            )
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
             rows.append(f"| speed-up over naive | {speedup:.1f}x |")
@@ -89,13 +115,34 @@ class BenchReport:
         return rows
 
 
-class Stack:
-    """moto's S3 server, the configured Redis and Postgres, and one worker process at a time."""
+@dataclass
+class EndToEndRun:
+    rate: float  # images/s
+    # CPU milliseconds per image meanwhile: the worker processes' own (the Python of messaging, batching and
+    # writing, and the model on a CPU; not their fetching and decoding processes), and every process's.
+    worker_cpu_ms: float
+    machine_cpu_ms: float
+    worker: WorkerProcess
 
-    def __init__(self, settings: Settings, s3_endpoint: str | None) -> None:
-        self._server = None
+
+class Stack:
+    """An S3 API server (moto or nanio started here, or the one at `s3_endpoint`), the configured Redis and
+    Postgres, and one worker at a time."""
+
+    def __init__(self, settings: Settings, s3_endpoint: str | None, *, s3_server: str = "moto") -> None:
+        self._stop_server: Callable[[], None] | None = None
+        self.s3_server = s3_server if s3_endpoint is None else s3_endpoint
         if s3_endpoint is None:
-            self._server, s3_endpoint = start_moto()
+            if s3_server == "nanio":
+                nanio = NanioServer(workers=max(1, len(os.sched_getaffinity(0)) // 4))
+                self._stop_server, s3_endpoint, (key, secret) = nanio.stop, nanio.endpoint, NANIO_CREDENTIALS
+            else:
+                moto, s3_endpoint = start_moto()
+                self._stop_server, key, secret = moto.stop, "local", "local"  # moto takes any keys
+            # In the settings, not the environment: fetching processes forked earlier never see it change.
+            settings = settings.model_copy(
+                update={"s3_access_key_id": SecretStr(key), "s3_secret_access_key": SecretStr(secret)}
+            )
         self.settings = settings.model_copy(update={"s3_endpoint_url": s3_endpoint, "metrics_port": 0})
         self.client = make_s3_client(self.settings)
         upgrade(settings.database_url)  # a fresh database works too; a migrated one is left as it is
@@ -121,17 +168,20 @@ class Stack:
             )
         return int(count or 0)
 
-    def fetch_ceiling(self, blobs: list[bytes], *, threads: int) -> float:
-        """GETs/s through the worker's own S3Store and thread count, from one process: what the S3 server
-        in use (moto here, MinIO or AWS in production) and our client together allow."""
+    def fetch_ceiling(self, blobs: list[bytes], model: Model) -> float:
+        """GETs/s through one worker process's fetching processes (its S3 client, `fetch_threads` of them)
+        from the S3 server in use: what that server and our client allow each worker process."""
         refs = self.upload(f"fetch-{uuid.uuid4().hex[:6]}", blobs)
-        store = S3Store.from_settings(self.settings)
+        pool: ImagePool = build_decoder(self.settings, model, S3Store.from_settings(self.settings))
         limit = self.settings.max_object_bytes
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs[:32]))  # warm-up: connections
-            started = time.perf_counter()
-            list(pool.map(lambda ref: store.get(ref, max_bytes=limit), refs))
-        return len(refs) / (time.perf_counter() - started)
+        try:
+            with ThreadPoolExecutor(2 * self.settings.fetch_threads) as threads:
+                list(threads.map(lambda ref: pool.fetch(ref, max_bytes=limit), refs[:64]))  # warm-up
+                started = time.perf_counter()
+                list(threads.map(lambda ref: pool.fetch(ref, max_bytes=limit), refs))
+            return len(refs) / (time.perf_counter() - started)
+        finally:
+            pool.close()
 
     def start_worker(self, queue: str, processes: int, *args: str) -> WorkerProcess:
         settings = self.settings.model_copy(update={"queue": queue, "worker_processes": processes})
@@ -139,24 +189,24 @@ class Stack:
         worker.wait_ready()
         return worker
 
-    def end_to_end(
-        self, blobs: list[bytes], *worker_args: str, processes: int = 1
-    ) -> tuple[float, float, WorkerProcess]:
-        """images/s from the first publish to the last committed row, and the worker processes' own CPU
-        milliseconds per image meanwhile (the Python of messaging, fetching and batching, and the model on
-        a CPU; not their fetching and decoding processes). Returns the (running) workers too."""
+    def end_to_end(self, blobs: list[bytes], *worker_args: str, processes: int = 1) -> EndToEndRun:
+        """From the first publish to the last committed row; the worker is left running."""
         prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
         refs = self.upload(prefix, blobs)
         worker = self.start_worker(queue, processes, *worker_args)
         publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
-        cpu_before, started = worker.cpu_seconds(), time.perf_counter()
+        cpu_before, busy_before, started = worker.cpu_seconds(), machine_busy_seconds(), time.perf_counter()
         publisher.publish(refs)
         while self.rows_under(prefix) < len(refs):
             if (code := worker.exited()) is not None:
                 raise RuntimeError(f"worker exited with {code}")
             time.sleep(0.05)
-        rate = len(refs) / (time.perf_counter() - started)
-        return rate, (worker.cpu_seconds() - cpu_before) * 1000 / len(refs), worker
+        return EndToEndRun(
+            rate=len(refs) / (time.perf_counter() - started),
+            worker_cpu_ms=(worker.cpu_seconds() - cpu_before) * 1000 / len(refs),
+            machine_cpu_ms=(machine_busy_seconds() - busy_before) * 1000 / len(refs),
+            worker=worker,
+        )
 
     def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
         """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
@@ -193,8 +243,8 @@ class Stack:
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._server is not None:
-            self._server.stop()
+        if self._stop_server is not None:
+            self._stop_server()
 
 
 def run_bench(
@@ -209,6 +259,7 @@ def run_bench(
     latency_images: int,
     say: Callable[[str], None],
     worker_processes: int = 1,
+    s3_server: str = "moto",
 ) -> BenchReport:
     device = str(getattr(model, "device", settings.device))
     report = BenchReport(
@@ -232,16 +283,24 @@ def run_bench(
     del tensors
     if not end_to_end:
         return report
-    stack = Stack(settings, s3_endpoint)
+    stack = Stack(settings, s3_endpoint, s3_server=s3_server)
+    report.s3_server = stack.s3_server
     try:
-        report.rates["fetch"] = stack.fetch_ceiling(blobs, threads=settings.fetch_threads)
-        say(f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s ({settings.fetch_threads} threads)")
-        rate, cpu_ms, worker = stack.end_to_end(blobs, processes=worker_processes)
-        report.rates["end_to_end"] = rate
-        report.worker_cpu_ms = cpu_ms
-        say(f"(c) end to end: {rate:,.1f} images/s; worker processes' CPU {cpu_ms:.2f} ms per image")
+        report.rates["fetch"] = stack.fetch_ceiling(blobs, model)
+        say(
+            f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s "
+            f"(one worker process's {settings.fetch_threads} fetching processes, S3 {stack.s3_server})"
+        )
+        run = stack.end_to_end(blobs, processes=worker_processes)
+        worker = run.worker
+        report.rates["end_to_end"] = run.rate
+        report.worker_cpu_ms, report.machine_cpu_ms = run.worker_cpu_ms, run.machine_cpu_ms
+        say(
+            f"(c) end to end: {run.rate:,.1f} images/s; CPU per image: worker processes "
+            f"{run.worker_cpu_ms:.2f} ms, whole machine {run.machine_cpu_ms:.2f} ms"
+        )
         try:
-            offered = max(rate / 2, 1.0)
+            offered = max(run.rate / 2, 1.0)
             report.latency_ms = stack.latency(worker, blobs[:latency_images], rate=offered)
             say(
                 f"(d) latency at {offered:,.1f} images/s: "
@@ -254,12 +313,10 @@ def run_bench(
         finally:
             worker.stop()
         if naive_images:
-            rate, _cpu_ms, naive = stack.end_to_end(
-                blobs[:naive_images], "--batch-size", "1", "--concurrency", "1"
-            )
-            naive.stop()
-            report.rates["naive"] = rate
-            say(f"naive baseline (one image per task and per forward pass): {rate:,.1f} images/s")
+            naive = stack.end_to_end(blobs[:naive_images], "--batch-size", "1", "--concurrency", "1")
+            naive.worker.stop()
+            report.rates["naive"] = naive.rate
+            say(f"naive baseline (one image per task and per forward pass): {naive.rate:,.1f} images/s")
     finally:
         stack.close()
     return report

@@ -111,6 +111,11 @@ def run(
 # -- worker ---------------------------------------------------------------------------------------------
 
 
+class S3Server(StrEnum):
+    moto = "moto"
+    nanio = "nanio"
+
+
 class Pool(StrEnum):
     threads = "threads"
     solo = "solo"
@@ -333,8 +338,11 @@ def bench(
     end_to_end: Annotated[bool, typer.Option(help="Also run (c), (d) and the naive baseline")] = True,
     naive: Annotated[int | None, typer.Option(help="Images for the naive baseline (0: skip)")] = None,
     s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3 API server (default: a moto server here)")
+        str | None, typer.Option(help="An S3 API server to use instead of --s3-server")
     ] = None,
+    s3_server: Annotated[
+        S3Server, typer.Option(help="The S3 API server to start here: moto (one process) or nanio (several)")
+    ] = S3Server.moto,
     out: Annotated[Path | None, typer.Option(help="Append the results as Markdown to this file")] = None,
     worker_processes: Annotated[
         int, typer.Option(help="Worker processes sharing the device in (c) and (d)")
@@ -367,6 +375,7 @@ def bench(
                 latency_images=min(count, 512),
                 say=console.print,
                 worker_processes=worker_processes,
+                s3_server=s3_server.value,
             )
         )
     section = markdown_section(reports, "enrich " + " ".join(sys.argv[1:]))

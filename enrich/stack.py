@@ -6,9 +6,11 @@ import io
 import logging
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +24,13 @@ if TYPE_CHECKING:
 
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 IMAGE_SETS = {"small": DATASETS / "fashion-small" / "images", "fullres": DATASETS / "fashion-fullres"}
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by every process on this machine so far (all cores; idle and I/O wait excluded)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -121,6 +130,64 @@ def start_moto() -> tuple[ThreadedMotoServer, str]:
     server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"
+
+
+NANIO_CREDENTIALS = ("enrich-bench", "enrich-bench-secret")
+
+
+class NanioServer:
+    """nanio's S3 API server (a dev dependency) in `workers` processes: objects are files (in /dev/shm
+    where there is one), so its processes share them; moto keeps its state in one process's memory and
+    serves at most a few hundred GETs/s, too few for a benchmark on a many-core GPU machine."""
+
+    def __init__(self, workers: int) -> None:
+        shm = Path("/dev/shm")
+        self.data_dir = Path(tempfile.mkdtemp(prefix="enrich-nanio-", dir=shm if shm.is_dir() else None))
+        port = free_port()
+        access_key, secret_key = NANIO_CREDENTIALS
+        command = [
+            sys.executable,
+            "-m",
+            "nanio",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+        ]
+        command += [
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        self.process = subprocess.Popen(
+            command,
+            env=os.environ | {"NANIO_ACCESS_KEY": access_key, "NANIO_SECRET_KEY": secret_key},
+        )
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"nanio did not start (exit code {self.process.poll()})") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def with_port(url: str, port: int) -> str:

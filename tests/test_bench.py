@@ -27,24 +27,26 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
     )
     assert set(report.rates) == {"fetch", "decode", "model", "end_to_end", "naive"}
     assert all(rate > 0 for rate in report.rates.values())
-    assert report.efficiency is not None and report.bound in ("fetch", "model", "decode")
+    assert report.efficiency is not None and report.bound in ("fetch", "model", "decode", "machine CPU")
     assert report.latency_ms["p50"] <= report.latency_ms["p95"] <= report.latency_ms["p99"]
     assert report.memory["worker peak RSS"] > 100  # a real process with torch loaded
     assert report.worker_cpu_ms is not None and report.worker_cpu_ms > 0
     section = markdown_section([report], "enrich bench")
     assert "speed-up over naive" in section and "upload-to-row latency p95" in section
-    assert "worker processes' CPU per image" in section
+    assert "end_to_end / min(model, decode)" in section and "tightest limit" in section
+    assert "worker processes' CPU per image" in section and "whole machine's CPU per image" in section
 
 
-def test_bench_runs_several_worker_processes_through_the_supervisor(
-    settings: Settings, pg_engine: Engine, moto_server: str
+def test_bench_runs_several_worker_processes_through_the_supervisor_against_nanio(
+    settings: Settings, pg_engine: Engine
 ) -> None:
     settings = settings.model_copy(update={"batch_size": 4, "max_wait_ms": 50})
-    stack = Stack(settings, moto_server)
+    stack = Stack(settings, None, s3_server="nanio")  # nanio started here, in its own processes
     try:
-        rate, cpu_ms, worker = stack.end_to_end(catalogue_images(32), processes=2)
+        run = stack.end_to_end(catalogue_images(32), processes=2)
+        worker = run.worker
         try:
-            assert rate > 0 and cpu_ms > 0
+            assert run.rate > 0 and run.worker_cpu_ms > 0 and run.machine_cpu_ms > run.worker_cpu_ms
             assert len(worker.worker_pids()) == 2
             assert worker.metric("enrich_worker_processes_ready") == 2
             assert worker.metric("enrich_forward_passes_total") >= 32 / 4
