@@ -3,7 +3,7 @@
     python scripts/device_kit.py            # -> .devkit/ (git-ignored through .git/info/exclude)
 
 The GPU machine's image has torch, timm, Pillow, numpy, typer, rich and prometheus-client, but no Celery,
-SQLAlchemy, psycopg, pydantic, boto3, moto, Redis or PostgreSQL, and it cannot download anything. The
+SQLAlchemy, psycopg, pydantic, boto3, moto, nanio, Redis or PostgreSQL, and it cannot download anything. The
 device tool carries at most 64 MiB per call together with the working tree (about 35 MB, mostly the
 model), so the kit is stripped to what the benchmark touches: wheels for the machine's Python unpacked into
 a site folder (botocore and moto without the AWS services we don't call), a Redis server with the shared
@@ -28,8 +28,9 @@ DATASETS = REPO.parent / "shared" / "datasets"
 # KINDS.md). Versions come from this checkout's .venv, so the kit runs the code as tested here.
 WHEELS = [
     *("alembic", "amqp", "annotated-types", "billiard", "blinker", "boto3", "botocore", "celery", "cffi"),
-    *("click-didyoumean", "click-plugins", "click-repl", "cryptography", "Flask", "flask-cors"),
-    *("itsdangerous", "jmespath", "kombu", "Mako", "moto", "Pebble", "prompt_toolkit", "psycopg"),
+    *("click-didyoumean", "click-plugins", "click-repl", "cryptography", "defusedxml", "Flask", "flask-cors"),
+    *("httptools", "itsdangerous", "jmespath", "kombu", "Mako", "moto", "nanio", "Pebble", "prompt_toolkit"),
+    "psycopg",
     *("psycopg-binary", "pycparser", "pydantic", "pydantic_core", "pydantic-settings", "python-dotenv"),
     *("redis", "responses", "s3transfer", "SQLAlchemy", "starlette", "typing-inspection", "tzlocal"),
     *("uvicorn", "vine", "wcwidth", "xmltodict"),
