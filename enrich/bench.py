@@ -24,7 +24,15 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
 from enrich.ceilings import decode_ceiling, machine_description, model_ceiling
-from enrich.stack import NANIO_CREDENTIALS, NanioServer, WorkerProcess, machine_busy_seconds, start_moto
+from enrich.stack import (
+    NANIO_CREDENTIALS,
+    NanioServer,
+    WorkerProcess,
+    cpu_by_group_since,
+    cpu_by_process,
+    machine_busy_seconds,
+    start_moto,
+)
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.migrate import upgrade
@@ -55,6 +63,7 @@ class BenchReport:
     memory: dict[str, float] = field(default_factory=dict)  # MiB
     worker_cpu_ms: float | None = None  # the worker processes' own CPU per image during (c)
     machine_cpu_ms: float | None = None  # every process's CPU per image during (c)
+    cpu_ms_by_group: dict[str, float] = field(default_factory=dict)  # the same, by kind of process
 
     @property
     def cores(self) -> int:
@@ -104,6 +113,9 @@ class BenchReport:
             rows.append(
                 f"| whole machine's CPU per image (every process) | {self.machine_cpu_ms:.2f} ms ({cap}) |"
             )
+        if self.cpu_ms_by_group:
+            parts = sorted(self.cpu_ms_by_group.items(), key=lambda item: -item[1])
+            rows.append("| ... by process | " + ", ".join(f"{name} {ms:.2f}" for name, ms in parts) + " ms |")
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
             rows.append(f"| speed-up over naive | {speedup:.1f}x |")
@@ -122,6 +134,7 @@ class EndToEndRun:
     # writing, and the model on a CPU; not their fetching and decoding processes), and every process's.
     worker_cpu_ms: float
     machine_cpu_ms: float
+    cpu_ms_by_group: dict[str, float]
     worker: WorkerProcess
 
 
@@ -195,7 +208,8 @@ class Stack:
         refs = self.upload(prefix, blobs)
         worker = self.start_worker(queue, processes, *worker_args)
         publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
-        cpu_before, busy_before, started = worker.cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+        cpu_before, busy_before, by_process = worker.cpu_seconds(), machine_busy_seconds(), cpu_by_process()
+        started = time.perf_counter()
         publisher.publish(refs)
         while self.rows_under(prefix) < len(refs):
             if (code := worker.exited()) is not None:
@@ -205,6 +219,9 @@ class Stack:
             rate=len(refs) / (time.perf_counter() - started),
             worker_cpu_ms=(worker.cpu_seconds() - cpu_before) * 1000 / len(refs),
             machine_cpu_ms=(machine_busy_seconds() - busy_before) * 1000 / len(refs),
+            cpu_ms_by_group={
+                group: seconds * 1000 / len(refs) for group, seconds in cpu_by_group_since(by_process).items()
+            },
             worker=worker,
         )
 
@@ -295,6 +312,7 @@ def run_bench(
         worker = run.worker
         report.rates["end_to_end"] = run.rate
         report.worker_cpu_ms, report.machine_cpu_ms = run.worker_cpu_ms, run.machine_cpu_ms
+        report.cpu_ms_by_group = run.cpu_ms_by_group
         say(
             f"(c) end to end: {run.rate:,.1f} images/s; CPU per image: worker processes "
             f"{run.worker_cpu_ms:.2f} ms, whole machine {run.machine_cpu_ms:.2f} ms"

@@ -33,6 +33,49 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Every live process's CPU seconds so far (user + system, all its threads) and the group it counts in."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        found[int(entry.name)] = (
+            _process_group(int(entry.name), cmdline),
+            (int(fields[11]) + int(fields[12])) / tick,
+        )
+    return found
+
+
+def _process_group(pid: int, cmdline: str) -> str:
+    if pid == os.getpid():
+        return "bench (publisher, moto)"
+    for needle, group in (
+        ("enrich.cli worker", "worker processes"),
+        ("multiprocessing", "fetching + decoding"),
+        ("nanio", "S3 server"),
+        ("postgres", "Postgres"),
+        ("redis-server", "Redis"),
+    ):
+        if needle in cmdline:
+            return group
+    return "other"
+
+
+def cpu_by_group_since(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per process group since `before` (processes that ended meanwhile are not counted)."""
+    groups: dict[str, float] = {}
+    for pid, (group, seconds) in cpu_by_process().items():
+        spent = seconds - before[pid][1] if pid in before else seconds
+        groups[group] = groups.get(group, 0.0) + spent
+    return groups
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
