@@ -30,6 +30,7 @@ TYPES = {
     "Casual Shoes": ("Footwear", "Shoes", "wide"),
 }
 BRANDS = ["Nike", "Puma"]
+EPOCHS = 8  # 4 left articleType at 0.49 on some CPUs (numerics differ); 8 reaches 1.0 here
 
 
 def _draw(colour: tuple[int, int, int], shape: str, rng: random.Random) -> Image.Image:
@@ -75,7 +76,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path
         name="tiny",
         version="0.0.1",
         input_size=(64, 48),
-        epochs=4,
+        epochs=EPOCHS,
         batch_size=32,
         lr=3e-3,
         warmup_epochs=0.5,
@@ -107,7 +108,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path
 def test_loss_falls(trained: tuple[TrainResult, Path]) -> None:
     result, _ = trained
     losses = [h["train_loss"] for h in result.history]
-    assert len(losses) == 4
+    assert len(losses) == EPOCHS
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -169,7 +170,7 @@ def test_train_step_on_gpu(tmp_path: Path) -> None:
     dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
     recipe = Recipe(
         input_size=(64, 48),
-        epochs=1,
+        epochs=EPOCHS,
         batch_size=32,
         d_model=32,
         n_layers=1,
