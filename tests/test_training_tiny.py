@@ -170,7 +170,7 @@ def test_train_step_on_gpu(tmp_path: Path) -> None:
     dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
     recipe = Recipe(
         input_size=(64, 48),
-        epochs=EPOCHS,
+        epochs=1,
         batch_size=32,
         d_model=32,
         n_layers=1,
