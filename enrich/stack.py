@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -55,8 +56,9 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
 def _process_group(pid: int, cmdline: str) -> str:
     if pid == os.getpid():
         return "bench (publisher, moto)"
+    if re.search(r"enrich(\.cli)? worker", cmdline):
+        return "worker processes"
     for needle, group in (
-        ("enrich.cli worker", "worker processes"),
         ("multiprocessing", "fetching + decoding"),
         ("nanio", "S3 server"),
         ("postgres", "Postgres"),
