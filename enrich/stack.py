@@ -34,28 +34,30 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of one process so far; OSError once it has gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """Every live process's CPU seconds so far (user + system, all its threads) and the group it counts in."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """Every live process's CPU seconds so far and the group it counts in."""
     found: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = process_cpu_seconds(int(entry.name))
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # exited meanwhile
             continue
-        found[int(entry.name)] = (
-            _process_group(int(entry.name), cmdline),
-            (int(fields[11]) + int(fields[12])) / tick,
-        )
+        found[int(entry.name)] = (_process_group(int(entry.name), cmdline), seconds)
     return found
 
 
 def _process_group(pid: int, cmdline: str) -> str:
     if pid == os.getpid():
-        return "bench (publisher, moto)"
+        return "bench process"  # the publisher and row polling; moto's server too when it is in use
     if re.search(r"enrich(\.cli)? worker", cmdline):
         return "worker processes"
     for needle, group in (
@@ -76,6 +78,17 @@ def cpu_by_group_since(before: dict[int, tuple[str, float]]) -> dict[str, float]
         spent = seconds - before[pid][1] if pid in before else seconds
         groups[group] = groups.get(group, 0.0) + spent
     return groups
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM (a worker's warm shutdown), then SIGKILL after `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:
@@ -138,14 +151,8 @@ class WorkerProcess:
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
     def cpu_seconds(self) -> float:
-        """CPU time (user + system, every thread) of the worker processes themselves, not their decoding
-        processes."""
-        total = 0
-        for pid in self.worker_pids():
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        """CPU time of the worker processes themselves, not their fetching and decoding processes."""
+        return sum(process_cpu_seconds(pid) for pid in self.worker_pids())
 
     def peak_rss_mib(self) -> float:
         total = 0
@@ -155,13 +162,7 @@ class WorkerProcess:
         return total / 1024
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s=60)
 
 
 def start_moto() -> tuple[ThreadedMotoServer, str]:
@@ -190,25 +191,9 @@ class NanioServer:
         self.data_dir = Path(tempfile.mkdtemp(prefix="enrich-nanio-", dir=shm if shm.is_dir() else None))
         port = free_port()
         access_key, secret_key = NANIO_CREDENTIALS
-        command = [
-            sys.executable,
-            "-m",
-            "nanio",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            "127.0.0.1",
-        ]
-        command += [
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+        command = [sys.executable, "-m", "nanio", "serve", "--data-dir", str(self.data_dir)]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+        command += ["--no-access-log", "--log-level", "warning"]
         self.process = subprocess.Popen(
             command,
             env=os.environ | {"NANIO_ACCESS_KEY": access_key, "NANIO_SECRET_KEY": secret_key},
@@ -226,12 +211,7 @@ class NanioServer:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, grace_s=30)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 

@@ -1,11 +1,11 @@
 """`enrich worker --processes N`: N worker processes sharing one device, supervised in one container.
 
-Why: one worker process's own Python (Celery's messaging, batching, the upsert) costs about 5 ms of CPU per
-image, so it tops out at a few hundred images/s, a fraction of one GPU. Kubernetes gives a GPU to one
-container, so the processes that share it must live in that container. Each child is a whole `enrich worker`
-(its own Celery consumer, GIL, decoding pools and CUDA context); this process only starts them, restarts one
-that dies, forwards the shutdown signal (Celery's warm shutdown) and serves their metrics, summed, on one
-port once every child has loaded its model (the pod's startup probe).
+Why: one worker process's own Python (Celery's messaging, batching, the upsert) costs 2-5 ms of CPU per
+image besides the model (docs/benchmarks.md), so it tops out at a few hundred images/s, a fraction of one
+GPU. Kubernetes gives a GPU to one container, so the processes that share it must live in that container.
+Each child is a whole `enrich worker` (its own Celery consumer, GIL, decoding pools and CUDA context); this
+process only starts them, restarts one that dies, forwards the shutdown signal (Celery's warm shutdown) and
+serves their metrics, summed, on one port once every child has loaded its model (the pod's startup probe).
 """
 
 from __future__ import annotations
