@@ -298,6 +298,9 @@ def soak(
     reconcile_after: Annotated[
         float, typer.Option(help="Seconds without progress before missing keys are re-queued")
     ] = 90.0,
+    worker_processes: Annotated[
+        int, typer.Option(help="Processes per worker (>1: supervised; a kill hits one of them)")
+    ] = 1,
 ) -> None:
     """Push N images through ingest -> Redis -> workers -> Postgres with faults injected; print the ledger."""
     from enrich.soak import run_soak
@@ -318,6 +321,7 @@ def soak(
         s3_endpoint=s3_endpoint,
         bundle=bundle,
         reconcile_after_s=reconcile_after,
+        worker_processes=worker_processes,
         log=console.print,
     )
     for line in ledger.lines():

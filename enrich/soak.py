@@ -9,9 +9,10 @@ images `ok`, corrupt ones `failed_decode`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from enrich.stack import WorkerProcess, catalogue_images, start_moto, with_port
+from enrich.stack import WorkerProcess, catalogue_images, start_moto, stop_process, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.backfill import without_a_row
 from ingest.publisher import JobPublisher
@@ -97,6 +98,7 @@ def run_soak(
     s3_endpoint: str | None,
     bundle: Path | None,
     reconcile_after_s: float = 90.0,
+    worker_processes: int = 1,
     log: object = print,
 ) -> Ledger:
     say = log if callable(log) else print
@@ -143,7 +145,10 @@ def run_soak(
 
     engine = make_engine(settings.database_url)
     model_version = BundleConfig.read(settings.model_bundle).version
-    procs = [WorkerProcess(worker_settings, quiet=True).process for _ in range(workers)]
+    # With worker_processes > 1 each worker is a supervisor: a kill hits one of its processes, which the
+    # supervisor replaces (as in a pod); otherwise the killed worker is replaced here.
+    worker_settings = worker_settings.model_copy(update={"worker_processes": worker_processes})
+    running = [WorkerProcess(worker_settings, quiet=True) for _ in range(workers)]
     started = time.monotonic()
     # The first kill and outage come at 25% and 50% of the rows, so even a fast run meets both faults;
     # later ones follow the clock.
@@ -174,13 +179,22 @@ def run_soak(
                 last_progress = now
                 say(f"[{now - started:5.0f}s] no progress: reconcile re-queued {len(missing)} keys")
             if kill_every_s and (now >= next_kill or (ledger.kills == 0 and done >= len(refs) / 4)):
-                victim = rng.randrange(len(procs))
-                procs[victim].send_signal(signal.SIGKILL)
-                procs[victim].wait()
-                procs[victim] = WorkerProcess(worker_settings, quiet=True).process
-                ledger.kills += 1
+                victim = rng.randrange(len(running))
+                if worker_processes > 1:
+                    pids = running[victim].worker_pids()
+                    if pids:  # else the supervisor is between a death and its restart: kill next time
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(rng.choice(pids), signal.SIGKILL)
+                            ledger.kills += 1
+                else:
+                    running[victim].process.send_signal(signal.SIGKILL)
+                    running[victim].process.wait()
+                    running[victim] = WorkerProcess(worker_settings, quiet=True)
+                    ledger.kills += 1
                 next_kill = now + kill_every_s
-                say(f"[{now - started:5.0f}s] SIGKILL worker {victim}; {done}/{len(refs)} images have rows")
+                say(
+                    f"[{now - started:5.0f}s] SIGKILL in worker {victim}; {done}/{len(refs)} images have rows"
+                )
             if outage_every_s and (now >= next_outage or (ledger.db_outages == 0 and done >= len(refs) / 2)):
                 proxy.down()
                 time.sleep(rng.uniform(1, 4))
@@ -192,13 +206,10 @@ def run_soak(
         # Let in-flight duplicates land (or not) before the ledger is read.
         time.sleep(3)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for worker in running:
+            worker.process.send_signal(signal.SIGTERM)
+        for worker in running:
+            stop_process(worker.process, grace_s=60)
         proxy.close()
         publisher.close()
         if server is not None:
