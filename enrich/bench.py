@@ -9,8 +9,11 @@ and a naive baseline: the same stack with one image per task and one forward pas
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis
+import urllib3
 from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
 
@@ -30,15 +35,19 @@ from enrich.stack import (
     WorkerProcess,
     cpu_by_group_since,
     cpu_by_process,
+    free_port,
     machine_busy_seconds,
+    minio_event,
     start_moto,
+    stop_process,
+    wait_for_port,
 )
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
-from schema.settings import Settings
+from schema.settings import Settings, settings_env
 from schema.tables import Enrichment
 from worker.image_pool import ImagePool
 from worker.pipeline import Model
@@ -196,6 +205,47 @@ class Stack:
         finally:
             pool.close()
 
+    def ingest_ceiling(self, n: int, *, clients: int = 16) -> float:
+        """Events/s one `enrich ingest webhook` process takes in: MinIO-style POSTs of one event each (as
+        MinIO sends them) from `clients` threads, each answered once its job is on a Redis queue."""
+        token = uuid.uuid4().hex
+        settings = self.settings.model_copy(
+            update={
+                "queue": f"ingest-{uuid.uuid4().hex[:8]}",
+                "webhook_port": free_port(),
+                "webhook_secret": SecretStr(token),
+            }
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "enrich.cli", "ingest", "webhook"],
+            env=settings_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{settings.webhook_port}/events"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        bodies = [
+            json.dumps(minio_event(self.bucket, f"ingest/{i:07d}.jpg", uuid.uuid4().hex)).encode()
+            for i in range(n + 64)
+        ]
+        http = urllib3.PoolManager(maxsize=clients)
+
+        def post(body: bytes) -> None:
+            response = http.request("POST", url, body=body, headers=headers)
+            if response.status != 200:
+                raise RuntimeError(f"webhook answered {response.status}: {response.data[:200]!r}")
+
+        try:
+            wait_for_port(settings.webhook_port, process)
+            with ThreadPoolExecutor(clients) as threads:
+                list(threads.map(post, bodies[:64]))  # warm-up: connections, the broker's
+                started = time.perf_counter()
+                list(threads.map(post, bodies[64:]))
+            return n / (time.perf_counter() - started)
+        finally:
+            stop_process(process, grace_s=10)
+            redis.Redis.from_url(settings.broker_url).delete(settings.queue)
+
     def start_worker(self, queue: str, processes: int, *args: str) -> WorkerProcess:
         settings = self.settings.model_copy(update={"queue": queue, "worker_processes": processes})
         worker = WorkerProcess(settings, *args, quiet=True)
@@ -307,6 +357,11 @@ def run_bench(
         say(
             f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s "
             f"(one worker process's {settings.fetch_threads} fetching processes, S3 {stack.s3_server})"
+        )
+        report.rates["ingest"] = stack.ingest_ceiling(len(blobs))
+        say(
+            f"(i) ingest ceiling: {report.rates['ingest']:,.1f} events/s "
+            "(one `enrich ingest webhook` process, MinIO-style POSTs)"
         )
         run = stack.end_to_end(blobs, processes=worker_processes)
         worker = run.worker

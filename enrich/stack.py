@@ -199,20 +199,47 @@ class NanioServer:
             env=os.environ | {"NANIO_ACCESS_KEY": access_key, "NANIO_SECRET_KEY": secret_key},
         )
         self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"nanio did not start (exit code {self.process.poll()})") from None
-                time.sleep(0.1)
+        try:
+            wait_for_port(port, self.process)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         stop_process(self.process, grace_s=30)
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def minio_event(bucket: str, key: str, etag: str) -> dict[str, object]:
+    """The body MinIO's webhook target POSTs for one upload (`key` URL-encoded, as MinIO sends it)."""
+    return {
+        "EventName": "s3:ObjectCreated:Put",
+        "Key": f"{bucket}/{key}",
+        "Records": [
+            {
+                "eventVersion": "2.0",
+                "eventSource": "minio:s3",
+                "eventName": "s3:ObjectCreated:Put",
+                "s3": {
+                    "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+                    "object": {"key": key, "size": 1000, "eTag": etag, "sequencer": "17A1"},
+                },
+            }
+        ],
+    }
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout_s: float = 60) -> None:
+    """Until a child process's server accepts connections; RuntimeError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{process.args!r} did not start (exit code {process.poll()})") from None
+            time.sleep(0.1)
 
 
 def with_port(url: str, port: int) -> str:

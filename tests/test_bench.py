@@ -25,7 +25,7 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
         latency_images=12,
         say=lambda _line: None,
     )
-    assert set(report.rates) == {"fetch", "decode", "model", "end_to_end", "naive"}
+    assert set(report.rates) == {"fetch", "decode", "model", "ingest", "end_to_end", "naive"}
     assert all(rate > 0 for rate in report.rates.values())
     assert report.efficiency is not None and report.bound in ("fetch", "model", "decode", "machine CPU")
     assert report.latency_ms["p50"] <= report.latency_ms["p95"] <= report.latency_ms["p99"]

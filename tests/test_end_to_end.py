@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from enrich.stack import minio_event
 from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
 from schema.settings import Settings
@@ -91,30 +92,12 @@ def webhook(settings: Settings, serve_webhook) -> str:  # type: ignore[no-untype
     return str(serve_webhook(settings.model_copy(update={"webhook_secret": SecretStr("s3cret")})))
 
 
-def minio_body(bucket: str, key_encoded: str, etag: str) -> dict:
-    return {
-        "EventName": "s3:ObjectCreated:Put",
-        "Key": f"{bucket}/{key_encoded}",
-        "Records": [
-            {
-                "eventVersion": "2.0",
-                "eventSource": "minio:s3",
-                "eventName": "s3:ObjectCreated:Put",
-                "s3": {
-                    "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                    "object": {"key": key_encoded, "size": 1000, "eTag": etag, "sequencer": "17A1"},
-                },
-            }
-        ],
-    }
-
-
 def test_minio_webhook_post_becomes_one_row_even_when_delivered_twice(
     settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, webhook: str, start_worker
 ) -> None:  # type: ignore[no-untyped-def]
     key = "drop/café + tie.jpg"
     etag = put_images(moto_server, bucket, [key])[key]
-    body = minio_body(bucket, "drop/caf%C3%A9+%2B+tie.jpg", etag)
+    body = minio_event(bucket, "drop/caf%C3%A9+%2B+tie.jpg", etag)
     auth = {"Authorization": "Bearer s3cret"}
 
     assert httpx.post(f"{webhook}/events", json=body).status_code == 401

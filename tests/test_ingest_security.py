@@ -14,10 +14,11 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from enrich.stack import minio_event
 from enrich.tcp_proxy import TcpProxy
 from schema.settings import Settings
 from tests.conftest import REDIS_URL, wait_for
-from tests.test_end_to_end import minio_body, put_images, rows
+from tests.test_end_to_end import put_images, rows
 
 SECRET = "correct horse battery staple"
 
@@ -39,7 +40,7 @@ def llen(queue: str) -> int:
 
 def test_hmac_signature_or_bearer_token_is_required(secured: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
     url = serve_webhook(secured) + "/events"
-    body = json.dumps(minio_body("shop", "a.jpg", "e")).encode()
+    body = json.dumps(minio_event("shop", "a.jpg", "e")).encode()
     good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     forged = "sha256=" + hmac.new(b"guess", body, hashlib.sha256).hexdigest()
     assert httpx.post(url, content=body).status_code == 401
@@ -75,10 +76,10 @@ def test_test_events_foreign_buckets_and_deletes_are_answered_not_queued(
     test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "shop"}
     response = httpx.post(url, json=test_event, headers=auth)
     assert response.status_code == 200 and response.json()["queued"] == 0 and response.json()["ignored"]
-    foreign = httpx.post(url, json=minio_body("someone-elses", "x.jpg", "e"), headers=auth)
+    foreign = httpx.post(url, json=minio_event("someone-elses", "x.jpg", "e"), headers=auth)
     assert foreign.status_code == 200 and foreign.json()["queued"] == 0
     assert "allow-list" in foreign.json()["rejected"][0]
-    deletion = minio_body("shop", "x.jpg", "e")
+    deletion = minio_event("shop", "x.jpg", "e")
     deletion["Records"][0]["eventName"] = "s3:ObjectRemoved:Delete"
     assert httpx.post(url, json=deletion, headers=auth).json()["queued"] == 0
     assert llen(secured.queue) == 0
@@ -89,7 +90,7 @@ def test_webhook_answers_503_while_redis_is_away_and_recovers(settings: Settings
     try:
         via = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{proxy.port}/0"})
         url = serve_webhook(via) + "/events"
-        body = minio_body("shop", "a.jpg", "e")
+        body = minio_event("shop", "a.jpg", "e")
         assert httpx.post(url, json=body).status_code == 200
         proxy.down()
         response = httpx.post(url, json=body, timeout=60)
