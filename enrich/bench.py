@@ -1,8 +1,11 @@
 """`enrich bench`: throughput and latency of each stage and of the whole stack, on the same images.
 
 (a) model ceiling: classifier + captioner forward passes on pre-decoded batches;
-(b) decode ceiling: bytes -> model-size tensors on the fetch thread pool;
-(c) end to end: S3 API server -> ingest publisher -> Redis -> `enrich worker` process -> Postgres rows;
+(b) decode ceiling: bytes -> model-size tensors in the worker's decoding processes;
+(s) fetch ceiling: S3 GETs through one worker process's fetching processes;
+(i) ingest ceiling: MinIO-style webhook POSTs into one `enrich ingest webhook` process;
+(c) end to end: S3 API server -> ingest publisher -> Redis -> `enrich worker` -> Postgres rows, with the CPU
+    per image of the worker processes and of every process on the machine;
 (d) upload-to-row latency at a fixed offered load (half of (c));
 and a naive baseline: the same stack with one image per task and one forward pass per image.
 """
