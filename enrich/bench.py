@@ -42,7 +42,7 @@ from enrich.stack import (
     machine_busy_seconds,
     minio_event,
     start_moto,
-    stop_process,
+    stop_processes,
     wait_for_port,
 )
 from ingest.publisher import JobPublisher
@@ -246,7 +246,8 @@ class Stack:
                 list(threads.map(post, bodies[64:]))
             return n / (time.perf_counter() - started)
         finally:
-            stop_process(process, grace_s=10)
+            http.clear()
+            stop_processes([process], grace_s=10)
             redis.Redis.from_url(settings.broker_url).delete(settings.queue)
 
     def start_worker(self, queue: str, processes: int, *args: str) -> WorkerProcess:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from enrich.stack import WorkerProcess, catalogue_images, start_moto, stop_process, with_port
+from enrich.stack import WorkerProcess, catalogue_images, start_moto, stop_processes, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.backfill import without_a_row
 from ingest.publisher import JobPublisher
@@ -206,10 +206,7 @@ def run_soak(
         # Let in-flight duplicates land (or not) before the ledger is read.
         time.sleep(3)
     finally:
-        for worker in running:
-            worker.process.send_signal(signal.SIGTERM)
-        for worker in running:
-            stop_process(worker.process, grace_s=60)
+        stop_processes([worker.process for worker in running], grace_s=60)
         proxy.close()
         publisher.close()
         if server is not None:

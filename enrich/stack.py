@@ -80,12 +80,15 @@ def cpu_by_group_since(before: dict[int, tuple[str, float]]) -> dict[str, float]
     return groups
 
 
-def stop_process(process: subprocess.Popen[bytes], *, grace_s: float) -> None:
-    """SIGTERM (a worker's warm shutdown), then SIGKILL after `grace_s`."""
-    if process.poll() is None:
+def stop_processes(processes: list[subprocess.Popen[bytes]], *, grace_s: float) -> None:
+    """SIGTERM to all at once (a worker's warm shutdown), then SIGKILL to any still running after grace_s."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in running:
         try:
-            process.wait(timeout=grace_s)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -162,7 +165,7 @@ class WorkerProcess:
         return total / 1024
 
     def stop(self) -> None:
-        stop_process(self.process, grace_s=60)
+        stop_processes([self.process], grace_s=60)
 
 
 def start_moto() -> tuple[ThreadedMotoServer, str]:
@@ -206,7 +209,7 @@ class NanioServer:
             raise
 
     def stop(self) -> None:
-        stop_process(self.process, grace_s=30)
+        stop_processes([self.process], grace_s=30)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
