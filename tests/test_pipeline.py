@@ -157,3 +157,33 @@ def test_cuda_is_refused_in_a_forked_child() -> None:
     os.waitpid(pid, 0)
     assert os.read(read, 16) == b"refused"
     assert resolve_device("cpu") == "cpu"
+
+
+def _refuse_to_unpickle() -> LocalStore:
+    raise RuntimeError("this store cannot be rebuilt in a fetching process")
+
+
+class StoreThatCannotReachItsProcesses(LocalStore):
+    """Every fetching process fails to start (its copy of the store cannot be unpickled there)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_unpickle, ())
+
+
+def test_a_broken_fetching_pool_retries_the_job_then_records_why(
+    settings: Settings, pg_engine: Engine, folder: Path
+) -> None:
+    settings = settings.model_copy(update={"decode_processes": 1, "fetch_threads": 1})
+    store = StoreThatCannotReachItsProcesses(folder)
+    pipeline = build_pipeline(settings, model=load_model(settings), store=store)
+    ref = ObjectRef(store.bucket, "img 0.jpg")
+    try:
+        retried = pipeline.process([Job(ref=ref)])[0]
+        final = pipeline.process([Job(ref=ref, final_attempt=True)])[0]
+    finally:
+        pipeline.close()
+    assert retried.status == "retry" and (retried.retry_reason or "").startswith("failed_fetch: ")
+    assert final.result is not None and final.status == "failed_fetch"
+    assert (final.result.error or "").startswith("gave up after retries: ")
+    row = rows_by_key(pg_engine)["img 0.jpg"]
+    assert row.status == "failed_fetch" and (row.error or "").startswith("gave up after retries: ")

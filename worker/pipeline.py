@@ -126,7 +126,6 @@ class Pipeline:
         try:
             fetched = self.decoder.fetch(ref, max_bytes=self.max_object_bytes)
         except ImagePoolError as error:
-            item.result = self._failure(ref, Status.FAILED_FETCH, "")
             return self._pool_failed(item, error, Status.FAILED_FETCH), None
         except FetchError as error:
             status = Status.FAILED_LIMIT if isinstance(error, LimitError) else Status.FAILED_FETCH
@@ -178,10 +177,12 @@ class Pipeline:
 
     def _pool_failed(self, item: Prepared, error: ImagePoolError, status: Status) -> Prepared:
         """Not the image's fault: retried like a transient fetch error, recorded on the last attempt."""
-        assert item.result is not None
         if item.job.final_attempt:
-            item.result.status = status
-            item.result.error = f"gave up after retries: {error}"
+            reason = f"gave up after retries: {error}"
+            if item.result is None:  # failed before the fetch returned: nothing known of the object yet
+                item.result = self._failure(item.job.ref, status, reason)
+            else:
+                item.result.status, item.result.error = status, reason
         else:
             item.result, item.retry_reason = None, f"{status.value}: {error}"
         return item
