@@ -23,9 +23,14 @@ def test_supervised_processes_all_consume_a_killed_one_is_replaced_and_sigterm_s
     # Each process holds at most 4 messages (concurrency 4, prefetch 1) and waits 3 s to fill a batch of 32,
     # so 8 held messages at once means both processes consume.
     settings = settings.model_copy(
-        update={"worker_processes": 2, "worker_concurrency": 4, "batch_size": 32, "max_wait_ms": 3000}
+        update={
+            "worker_processes": 2,
+            "worker_concurrency": 4,
+            "batch_size": 32,
+            "max_wait_ms": 3000,
+            "visibility_timeout_s": 3,
+        }
     )
-    settings = settings.model_copy(update={"visibility_timeout_s": 3})
     worker = start_worker(settings)
     worker.wait_ready()
     first_pids = worker.worker_pids()

@@ -41,7 +41,6 @@ def child_settings(settings: Settings) -> Settings:
 
 @dataclass
 class Child:
-    slot: int
     process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
 
@@ -97,7 +96,7 @@ class WorkerSupervisor:
     def _spawn(self, slot: int) -> None:
         # Its own process group: a terminal's Ctrl-C reaches the children once, through _forward.
         process = subprocess.Popen(self.command, env=self.env, process_group=0)
-        self.children[slot] = Child(slot, process)
+        self.children[slot] = Child(process)
         log.info("worker process %d started (pid %d)", slot, process.pid)
 
     def _reap(self) -> int | None:
