@@ -65,9 +65,14 @@ def preprocess_array(image: Image.Image, pre: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def normalize(batch: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
-    """uint8 NCHW (on the device) -> float32 normalised by the config's mean/std."""
-    x = batch.float()
-    mean = x.new_tensor(pre.mean).view(1, 3, 1, 1) * 255.0  # new_tensor: x's device and dtype
-    std = x.new_tensor(pre.std).view(1, 3, 1, 1) * 255.0
-    return (x - mean) / std
+def normalize(batch: torch.Tensor, pre: PreprocessConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 (or float 0..255) NCHW on the device -> normalised by the config's mean/std, in `dtype`
+    (float32 by default). bf16 moves half the bytes; its rounding is the one a bf16 network's first
+    convolution would apply to a float32 input anyway."""
+    import torch  # here, not at the top: decoding processes import this module and never need torch
+
+    x = batch.to(dtype or torch.float32, copy=True)  # a copy: normalised in place below
+    # float32 statistics: a bf16 mean such as 0.485 * 255 would be off by a quarter of a grey level.
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1) * 255.0
+    return x.sub_(mean).div_(std)

@@ -1,0 +1,116 @@
+"""Inference-time rewrites of the network: fewer, larger operations, the same predictions.
+
+1. `fold_batch_norms`: in eval mode a BatchNorm is a fixed per-channel affine map, so it can live in the
+   weights and bias of the convolution before it. Unfolded, it is a separate pass over every activation.
+2. `fuse_conv_activations` (CPU only): a convolution and the ReLU6 after it become one oneDNN call with the
+   clamp as a post-op, the call PyTorch's own compiler (inductor) emits for this pattern. A clamp on its
+   own is a full read and write of the activation; on a CPU that memory traffic costs as much as the
+   depthwise convolutions themselves.
+
+On the development CPU (2 cores, bf16) the two took the default model's backbone from 60 to about 90
+images/s (folding) and further (fusing); docs/benchmarks.md has the figures. torch.compile fuses the same
+and more, but compiling the backbone took 40 s per batch shape here (over 15 minutes with dynamic shapes),
+too long for a worker that must start in seconds and serve ragged batches.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same
+from torch import nn
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    with torch.no_grad():
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+    conv.bias = nn.Parameter(bias.detach().to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+
+
+def _after_norm(bn: nn.BatchNorm2d) -> nn.Module:
+    """What remains of a norm layer once its affine map is folded: timm's BatchNormAct2d keeps its
+    activation (its dropout is a no-op in eval mode); a plain BatchNorm2d leaves nothing."""
+    act = getattr(bn, "act", None)
+    return act if isinstance(act, nn.Module) else nn.Identity()
+
+
+def fold_batch_norms(network: nn.Module) -> int:
+    """Fold, in place, every BatchNorm2d that directly follows a Conv2d among its parent's children (the
+    order timm's blocks register and call them in: conv, norm, conv, norm). Returns how many were folded.
+    For inference only: the folded network no longer normalises by batch statistics when training."""
+    if network.training:
+        raise ValueError("fold_batch_norms is for networks in eval mode")
+    folded = 0
+    for parent in list(network.modules()):
+        for (_, conv), (norm_name, norm) in pairwise(list(parent.named_children())):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(norm, nn.BatchNorm2d)
+                and norm.num_features == conv.out_channels
+            ):
+                _fold_into(conv, norm)
+                setattr(parent, norm_name, _after_norm(norm))
+                folded += 1
+    return folded
+
+
+def _pointwise_conv_available() -> bool:
+    return hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+
+
+class ConvReLU6(nn.Module):
+    """A convolution followed by ReLU6 as one oneDNN call (CPU, inference only)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        # "same" padding of the tf_ variants depends on the input size, so it stays a separate pad.
+        self.pad_same = isinstance(conv, Conv2dSame)
+        self.kernel = list(conv.kernel_size)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.padding = [0, 0] if self.pad_same else list(conv.padding)
+        self.groups = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The op has no autocast rule: the input takes the weights' dtype (only the stem sees float32).
+        x = x.to(self.weight.dtype)
+        if self.pad_same:
+            x = pad_same(x, self.kernel, self.stride, self.dilation)
+        out: torch.Tensor = torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "hardtanh", [0.0, 6.0], "",
+        )  # fmt: skip
+        return out
+
+
+def fuse_conv_activations(network: nn.Module) -> int:
+    """Replace, in place, every Conv2d directly followed by a ReLU6 with one ConvReLU6 (BatchNorms must be
+    folded first, so that the two are neighbours). Returns how many were fused; 0 where oneDNN's fused
+    convolution is missing from this PyTorch build."""
+    if network.training:
+        raise ValueError("fuse_conv_activations is for networks in eval mode")
+    if not _pointwise_conv_available():
+        return 0
+    fused = 0
+    for parent in list(network.modules()):
+        for (conv_name, conv), (act_name, act) in pairwise(list(parent.named_children())):
+            if isinstance(conv, nn.Conv2d) and isinstance(act, nn.ReLU6):
+                setattr(parent, conv_name, ConvReLU6(conv))
+                setattr(parent, act_name, nn.Identity())
+                fused += 1
+    return fused
