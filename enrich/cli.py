@@ -75,8 +75,10 @@ def run(
     """Enrich every image under SOURCE in process (no broker) into the configured database, then print."""
     from schema.migrate import upgrade
     from worker.local_run import plan, run_local
+    from worker.runtime import use_model_threads
 
     settings = _settings(batch_size=batch_size, device=device, model_bundle=bundle)
+    use_model_threads(settings)
     upgrade(settings.database_url)
     store, refs = plan(settings, source)
     if not refs:
@@ -157,9 +159,10 @@ def worker(
         ]
         raise typer.Exit(WorkerSupervisor(settings, command).run())
 
-    from worker.runtime import WorkerRuntime
+    from worker.runtime import WorkerRuntime, use_model_threads
     from worker.tasks import make_worker_app
 
+    use_model_threads(settings)
     runtime = WorkerRuntime.build(settings)
     runtime.metrics.serve(settings.metrics_port)
     runtime.metrics.ready.set(1)

@@ -14,6 +14,7 @@ from schema.settings import Settings, settings_env
 from tests.conftest import REPO, wait_for
 from tests.test_end_to_end import put_images, unacked_for
 from tests.test_reliability import one_ok_row_per_key, publish, queue_length
+from worker.supervisor import child_settings
 
 
 def test_supervised_processes_all_consume_a_killed_one_is_replaced_and_sigterm_stops_them(
@@ -70,3 +71,16 @@ def test_a_supervised_process_that_cannot_start_stops_the_supervisor_with_its_er
     assert "no-such-bundle" in result.stderr
     assert "before all were ready" in result.stderr
     assert time.monotonic() - started < 60  # no restart loop
+
+
+def test_each_supervised_process_gets_its_share_of_the_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    auto = Settings(worker_processes=2)
+    assert auto.effective_model_threads == max(1, cores // 2)
+    child = child_settings(auto)
+    assert child.worker_processes == 1 and child.metrics_port == 0
+    assert child.effective_model_threads == max(1, cores // 2 // 2)
+    assert child.effective_decode_processes == max(1, cores // 2)
+    # Explicit values are the operator's: passed through unchanged.
+    pinned = child_settings(Settings(worker_processes=2, model_threads=3, decode_processes=5))
+    assert (pinned.model_threads, pinned.decode_processes) == (3, 5)

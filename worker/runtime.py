@@ -19,6 +19,14 @@ def load_model(settings: Settings) -> Model:
     return load_bundle(settings.model_bundle, device=settings.device, precision=settings.precision)
 
 
+def use_model_threads(settings: Settings) -> None:
+    """Size the process's torch thread pool. Called by the worker and `enrich run` entry points only: a
+    library caller (a test, a notebook) keeps its own choice."""
+    import torch
+
+    torch.set_num_threads(settings.effective_model_threads)
+
+
 def build_pipeline(
     settings: Settings, *, model: Model, store: ObjectStore, metrics: WorkerMetrics | None = None
 ) -> Pipeline:

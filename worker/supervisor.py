@@ -32,10 +32,12 @@ STABLE_AFTER_S = 60.0
 
 
 def child_settings(settings: Settings) -> Settings:
-    """Each child serves no metrics port of its own and decodes on its share of the cores."""
+    """Each child serves no metrics port of its own and decodes and computes on its share of the cores."""
     update: dict[str, object] = {"worker_processes": 1, "metrics_port": 0}
     if settings.decode_processes < 0:
         update["decode_processes"] = max(1, settings.effective_decode_processes // settings.worker_processes)
+    if settings.model_threads <= 0:
+        update["model_threads"] = max(1, settings.effective_model_threads // settings.worker_processes)
     return settings.model_copy(update=update)
 
 
