@@ -13,7 +13,6 @@ and a naive baseline: the same stack with one image per task and one forward pas
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
-from schema.settings import Settings, settings_env
+from schema.settings import Settings, settings_env, usable_cores
 from schema.tables import Enrichment
 from worker.image_pool import ImagePool
 from worker.pipeline import Model
@@ -79,7 +78,7 @@ class BenchReport:
 
     @property
     def cores(self) -> int:
-        return len(os.sched_getaffinity(0))
+        return usable_cores()
 
     @property
     def limits(self) -> dict[str, float]:
@@ -159,7 +158,7 @@ class Stack:
         self.s3_server = s3_server if s3_endpoint is None else s3_endpoint
         if s3_endpoint is None:
             if s3_server == "nanio":
-                nanio = NanioServer(workers=max(1, len(os.sched_getaffinity(0)) // 4))
+                nanio = NanioServer(workers=max(1, usable_cores() // 4))
                 self._stop_server, s3_endpoint, (key, secret) = nanio.stop, nanio.endpoint, NANIO_CREDENTIALS
             else:
                 moto, s3_endpoint = start_moto()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "models" / "default"
 DEFAULT_QUEUE = "enrich"
 ENRICH_TASK_NAME = "enrich.object"
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by the cgroup's CPU quota. A container's CPU limit
+    is a quota, invisible to the affinity mask, which lists every core of the node: sizing pools by the mask
+    alone would start 64 decoding processes in a pod allowed 4 CPUs."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        if (cgroup_root / "cpu.max").exists():  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        else:  # cgroup v1: quota -1 when unlimited
+            quota = (cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup_root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1"):
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no readable quota: the affinity mask is all there is
+    return cores
 
 
 class Settings(BaseSettings):
@@ -63,9 +82,10 @@ class Settings(BaseSettings):
     # Limits on hostile input.
     max_object_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 60_000_000
-    # Decoding runs in this many worker processes (-1: one per usable core), so that one image can be held
-    # to a wall-clock and a memory limit (a thread cannot be stopped mid-decode, a process can) and JPEG
-    # decoding uses every core. 0 decodes in the fetch threads, bounded by the pixel limit alone.
+    # Decoding runs in this many worker processes (-1: one per usable core, see usable_cores), so that one
+    # image can be held to a wall-clock and a memory limit (a thread cannot be stopped mid-decode, a process
+    # can) and JPEG decoding uses every core. 0 decodes in the fetch threads, bounded by the pixel limit
+    # alone.
     decode_processes: int = -1
     decode_timeout_s: float = 10.0
     decode_memory_mb: int = 1024  # address-space limit of each decoding process
@@ -82,13 +102,13 @@ class Settings(BaseSettings):
 
     @property
     def effective_model_threads(self) -> int:
-        return self.model_threads if self.model_threads > 0 else max(1, len(os.sched_getaffinity(0)) // 2)
+        return self.model_threads if self.model_threads > 0 else max(1, usable_cores() // 2)
 
     @property
     def effective_decode_processes(self) -> int:
         if self.decode_processes >= 0:
             return self.decode_processes
-        return len(os.sched_getaffinity(0))
+        return usable_cores()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

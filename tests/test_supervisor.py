@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from sqlalchemy import Engine
 
-from schema.settings import Settings, settings_env
+from schema.settings import Settings, settings_env, usable_cores
 from tests.conftest import REPO, wait_for
 from tests.test_end_to_end import put_images, unacked_for
 from tests.test_reliability import one_ok_row_per_key, publish, queue_length
@@ -84,3 +85,21 @@ def test_each_supervised_process_gets_its_share_of_the_cores() -> None:
     # Explicit values are the operator's: passed through unchanged.
     pinned = child_settings(Settings(worker_processes=2, model_threads=3, decode_processes=5))
     assert (pinned.model_threads, pinned.decode_processes) == (3, 5)
+
+
+def test_usable_cores_honours_a_container_cpu_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: a pod's `limits: cpu: 1500m`
+    assert usable_cores(v2) == min(affinity, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(v2) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert usable_cores(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(v1) == affinity
+    assert usable_cores(tmp_path / "absent") == affinity
