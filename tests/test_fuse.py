@@ -80,3 +80,15 @@ def test_serving_folds_a_copy_and_predicts_what_the_unfolded_network_does() -> N
     for field, values in logits.items():
         expected = torch.softmax(values / model.config.temperatures.get(field, 1.0), dim=-1)
         assert torch.allclose(raw.probs[field], expected, atol=1e-4)
+
+
+def test_only_convolutions_the_fused_call_can_express_are_fused() -> None:
+    padded_by_name = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU6()).eval()
+    reflected = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU6()).eval()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6()).eval()
+    assert fuse_conv_activations(padded_by_name) == fuse_conv_activations(reflected) == 0
+    x = torch.randn(1, 3, 9, 7)
+    with torch.inference_mode():
+        expected = plain(x)
+        assert fuse_conv_activations(plain) == 1
+        assert torch.allclose(plain(x), expected, atol=1e-6)

@@ -16,6 +16,7 @@ start for a worker that serves ragged batches.
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import cast
 
 import torch
 from timm.layers.conv2d_same import Conv2dSame
@@ -87,7 +88,7 @@ class ConvReLU6(nn.Module):
         self.groups = conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The op has no autocast rule: the input takes the weights' dtype (only the stem sees float32).
+        # The op has no autocast rule: the input must already be in the weights' dtype.
         x = x.to(self.weight.dtype)
         if self.pad_same:
             x = pad_same(x, self.kernel, self.stride, self.dilation)
@@ -96,6 +97,15 @@ class ConvReLU6(nn.Module):
             "hardtanh", [0.0, 6.0], "",
         )  # fmt: skip
         return out
+
+
+def _fusable(conv: nn.Module) -> bool:
+    """A convolution the fused call can stand in for: zero padding given as numbers, or timm's "same"."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.padding_mode == "zeros"
+        and (isinstance(conv, Conv2dSame) or not isinstance(conv.padding, str))
+    )
 
 
 def fuse_conv_activations(network: nn.Module) -> int:
@@ -109,8 +119,8 @@ def fuse_conv_activations(network: nn.Module) -> int:
     fused = 0
     for parent in list(network.modules()):
         for (conv_name, conv), (act_name, act) in pairwise(list(parent.named_children())):
-            if isinstance(conv, nn.Conv2d) and isinstance(act, nn.ReLU6):
-                setattr(parent, conv_name, ConvReLU6(conv))
+            if _fusable(conv) and isinstance(act, nn.ReLU6):
+                setattr(parent, conv_name, ConvReLU6(cast(nn.Conv2d, conv)))
                 setattr(parent, act_name, nn.Identity())
                 fused += 1
     return fused
