@@ -15,6 +15,7 @@ start for a worker that serves ragged batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import pairwise
 from typing import cast
 
@@ -47,23 +48,32 @@ def _after_norm(bn: nn.BatchNorm2d) -> nn.Module:
     return act if isinstance(act, nn.Module) else nn.Identity()
 
 
+def _neighbours(
+    network: nn.Module,
+) -> Iterator[tuple[nn.Module, tuple[str, nn.Module], tuple[str, nn.Module]]]:
+    """(parent, first, second) for every two children registered one after the other, which in timm's
+    blocks is the order they are called in. Both rewrites are for inference only."""
+    if network.training:
+        raise ValueError("inference rewrites are for networks in eval mode")
+    for parent in list(network.modules()):
+        for first, second in pairwise(list(parent.named_children())):
+            yield parent, first, second
+
+
 def fold_batch_norms(network: nn.Module) -> int:
     """Fold, in place, every BatchNorm2d that directly follows a Conv2d among its parent's children (the
     order timm's blocks register and call them in: conv, norm, conv, norm). Returns how many were folded.
     For inference only: the folded network no longer normalises by batch statistics when training."""
-    if network.training:
-        raise ValueError("fold_batch_norms is for networks in eval mode")
     folded = 0
-    for parent in list(network.modules()):
-        for (_, conv), (norm_name, norm) in pairwise(list(parent.named_children())):
-            if (
-                isinstance(conv, nn.Conv2d)
-                and isinstance(norm, nn.BatchNorm2d)
-                and norm.num_features == conv.out_channels
-            ):
-                _fold_into(conv, norm)
-                setattr(parent, norm_name, _after_norm(norm))
-                folded += 1
+    for parent, (_, conv), (norm_name, norm) in _neighbours(network):
+        if (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(norm, nn.BatchNorm2d)
+            and norm.num_features == conv.out_channels
+        ):
+            _fold_into(conv, norm)
+            setattr(parent, norm_name, _after_norm(norm))
+            folded += 1
     return folded
 
 
@@ -88,7 +98,7 @@ class ConvReLU6(nn.Module):
         self.groups = conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The op has no autocast rule: the input must already be in the weights' dtype.
+        # The op has no autocast rule and needs input and weights in one dtype (a no-op when they are).
         x = x.to(self.weight.dtype)
         if self.pad_same:
             x = pad_same(x, self.kernel, self.stride, self.dilation)
@@ -112,15 +122,12 @@ def fuse_conv_activations(network: nn.Module) -> int:
     """Replace, in place, every Conv2d directly followed by a ReLU6 with one ConvReLU6 (BatchNorms must be
     folded first, so that the two are neighbours). Returns how many were fused; 0 where oneDNN's fused
     convolution is missing from this PyTorch build."""
-    if network.training:
-        raise ValueError("fuse_conv_activations is for networks in eval mode")
     if not _pointwise_conv_available():
         return 0
     fused = 0
-    for parent in list(network.modules()):
-        for (conv_name, conv), (act_name, act) in pairwise(list(parent.named_children())):
-            if _fusable(conv) and isinstance(act, nn.ReLU6):
-                setattr(parent, conv_name, ConvReLU6(cast(nn.Conv2d, conv)))
-                setattr(parent, act_name, nn.Identity())
-                fused += 1
+    for parent, (conv_name, conv), (act_name, act) in _neighbours(network):
+        if _fusable(conv) and isinstance(act, nn.ReLU6):
+            setattr(parent, conv_name, ConvReLU6(cast(nn.Conv2d, conv)))
+            setattr(parent, act_name, nn.Identity())
+            fused += 1
     return fused
