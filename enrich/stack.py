@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from schema.settings import REPO_ROOT, Settings, settings_env
@@ -213,7 +213,7 @@ class NanioServer:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def minio_event(bucket: str, key: str, etag: str) -> dict[str, object]:
+def minio_event(bucket: str, key: str, etag: str) -> dict[str, Any]:
     """The body MinIO's webhook target POSTs for one upload (`key` URL-encoded, as MinIO sends it)."""
     return {
         "EventName": "s3:ObjectCreated:Put",

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 import psycopg
@@ -21,6 +22,10 @@ from enrich.stack import WorkerProcess, free_port
 from schema.db import make_engine
 from schema.migrate import upgrade
 from schema.settings import Settings, settings_env
+
+T = TypeVar("T")
+StartWorker = Callable[..., WorkerProcess]  # (settings, *extra worker CLI args) -> a running worker
+ServeWebhook = Callable[[Settings], str]  # settings -> the base URL of a running webhook
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -117,7 +122,7 @@ def settings(
 
 
 @pytest.fixture
-def start_worker() -> Iterator:  # type: ignore[type-arg]
+def start_worker() -> Iterator[StartWorker]:
     workers: list[WorkerProcess] = []
 
     def start(settings: Settings, *extra: str) -> WorkerProcess:
@@ -130,7 +135,9 @@ def start_worker() -> Iterator:  # type: ignore[type-arg]
         worker.stop()
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.25, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -160,7 +167,7 @@ def sample_jpegs(n: int) -> list[bytes]:
 
 
 @pytest.fixture
-def serve_webhook() -> Iterator:  # type: ignore[type-arg]
+def serve_webhook() -> Iterator[ServeWebhook]:
     """Serves the real webhook app with uvicorn on a loopback port; returns its base URL."""
     import threading
 

@@ -22,7 +22,7 @@ from ingest.publisher import JobPublisher
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, enrich_cli, s3_client, sample_jpegs, wait_for
+from tests.conftest import REDIS_URL, StartWorker, enrich_cli, s3_client, sample_jpegs, wait_for
 from tests.test_repository import failed_result, ok_result, write
 from worker.model.config import BundleConfig
 
@@ -57,8 +57,8 @@ def unacked_for(queue: str) -> int:
 
 
 def test_put_object_notified_to_sqs_ends_as_rows_via_ingest_sqs_and_worker(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     sqs = boto3.client("sqs", endpoint_url=moto_server, region_name="us-east-1")
     queue_url = sqs.create_queue(QueueName=f"{bucket}-events")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -93,8 +93,13 @@ def webhook(settings: Settings, serve_webhook) -> str:  # type: ignore[no-untype
 
 
 def test_minio_webhook_post_becomes_one_row_even_when_delivered_twice(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, webhook: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    webhook: str,
+    start_worker: StartWorker,
+) -> None:
     key = "drop/café + tie.jpg"
     etag = put_images(moto_server, bucket, [key])[key]
     body = minio_event(bucket, "drop/caf%C3%A9+%2B+tie.jpg", etag)
@@ -120,8 +125,8 @@ def test_minio_webhook_post_becomes_one_row_even_when_delivered_twice(
 
 
 def test_backfill_queues_existing_objects_and_a_redelivered_task_changes_nothing(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     keys = ["catalog/a.jpg", "catalog/b b.jpg", "other/c.jpg"]
     put_images(moto_server, bucket, keys)
     s3_client(moto_server).put_object(Bucket=bucket, Key="catalog/readme.txt", Body=b"not an image")
@@ -142,8 +147,8 @@ def test_backfill_queues_existing_objects_and_a_redelivered_task_changes_nothing
 
 
 def test_queued_images_are_inferred_in_ceil_n_over_batch_passes(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     keys = [f"batch/{i:02d}.jpg" for i in range(10)]
     etags = put_images(moto_server, bucket, keys)
     JobPublisher(settings).publish(ObjectRef(bucket, k, etag=etags[k]) for k in keys)

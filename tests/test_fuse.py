@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from typing import TypeVar, cast
 
 import pytest
 import timm
 import torch
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from worker.model.bundle import EnrichModel
@@ -15,15 +17,18 @@ from worker.model.network import BACKBONES, create_model
 from worker.model.random_bundle import random_config
 from worker.model.tokenizer import TitleCodec, train_tokenizer
 
+Net = TypeVar("Net", bound=nn.Module)
 
-def _with_trained_statistics(net: nn.Module, seed: int) -> nn.Module:
+
+def _with_trained_statistics(net: Net, seed: int) -> Net:
     """Fresh BatchNorms are the identity map; give them the non-trivial statistics a trained net has."""
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)  # type: ignore[union-attr]
-            m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)  # type: ignore[union-attr]
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)
             m.weight.data.copy_(torch.randn(n, generator=gen) * 0.5 + 1)
             m.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
     return net.eval()
@@ -34,7 +39,8 @@ def test_rewritten_backbone_computes_the_same_features(backbone: str) -> None:
     # float64: the folded arithmetic differs from the original only by rounding, which through ~50 layers
     # of random weights would swamp a float32 comparison.
     net = _with_trained_statistics(
-        timm.create_model(backbone, pretrained=False, num_classes=0, global_pool=""), seed=1
+        cast(EfficientNet, timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")),
+        seed=1,
     ).double()
     folded = copy.deepcopy(net)
     n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())

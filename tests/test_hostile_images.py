@@ -6,6 +6,7 @@ import contextlib
 import io
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -67,7 +68,7 @@ def test_exif_rotation_is_applied() -> None:
     data = encode(two_colour(40, 20), "JPEG", exif=exif.tobytes(), quality=95)
     decoded = decode_image(data, max_pixels=LIMIT, target_size=TARGET)
     assert decoded.image.size == (20, 40)  # upright
-    top, bottom = decoded.image.getpixel((10, 2)), decoded.image.getpixel((10, 37))
+    top, bottom = (cast(tuple[int, int, int], decoded.image.getpixel(xy)) for xy in ((10, 2), (10, 37)))
     assert top[0] > 200 and top[2] < 60  # red on top after the rotation
     assert bottom[2] > 200 and bottom[0] < 60
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from enrich.stack import minio_event
 from enrich.tcp_proxy import TcpProxy
 from schema.settings import Settings
-from tests.conftest import REDIS_URL, wait_for
+from tests.conftest import REDIS_URL, ServeWebhook, StartWorker, wait_for
 from tests.test_end_to_end import put_images, rows
 
 SECRET = "correct horse battery staple"
@@ -38,7 +38,7 @@ def llen(queue: str) -> int:
     return int(redis.Redis.from_url(REDIS_URL).llen(queue))
 
 
-def test_hmac_signature_or_bearer_token_is_required(secured: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+def test_hmac_signature_or_bearer_token_is_required(secured: Settings, serve_webhook: ServeWebhook) -> None:
     url = serve_webhook(secured) + "/events"
     body = json.dumps(minio_event("shop", "a.jpg", "e")).encode()
     good = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
@@ -52,7 +52,7 @@ def test_hmac_signature_or_bearer_token_is_required(secured: Settings, serve_web
     assert llen(secured.queue) == 2
 
 
-def test_oversized_bodies_are_refused_before_parsing(secured: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_bodies_are_refused_before_parsing(secured: Settings, serve_webhook: ServeWebhook) -> None:
     url = serve_webhook(secured) + "/events"
     huge = b'{"Records": [' + b" " * 10_000 + b"]}"
     response = httpx.post(url, content=huge, headers={"Authorization": f"Bearer {SECRET}"})
@@ -69,8 +69,8 @@ def test_oversized_bodies_are_refused_before_parsing(secured: Settings, serve_we
 
 
 def test_test_events_foreign_buckets_and_deletes_are_answered_not_queued(
-    secured: Settings, serve_webhook
-) -> None:  # type: ignore[no-untyped-def]
+    secured: Settings, serve_webhook: ServeWebhook
+) -> None:
     url = serve_webhook(secured) + "/events"
     auth = {"Authorization": f"Bearer {SECRET}"}
     test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "shop"}
@@ -85,7 +85,9 @@ def test_test_events_foreign_buckets_and_deletes_are_answered_not_queued(
     assert llen(secured.queue) == 0
 
 
-def test_webhook_answers_503_while_redis_is_away_and_recovers(settings: Settings, serve_webhook) -> None:  # type: ignore[no-untyped-def]
+def test_webhook_answers_503_while_redis_is_away_and_recovers(
+    settings: Settings, serve_webhook: ServeWebhook
+) -> None:
     proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
     try:
         via = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{proxy.port}/0"})
@@ -105,8 +107,8 @@ def test_webhook_answers_503_while_redis_is_away_and_recovers(settings: Settings
 
 
 def test_worker_reconnects_after_redis_drops_its_connections(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     from ingest.backfill import without_a_row
     from ingest.publisher import JobPublisher
     from schema.results import ObjectRef

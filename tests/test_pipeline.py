@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -95,7 +96,7 @@ def test_n_images_take_ceil_n_over_batch_forward_passes_and_resolve_after_commit
     committed_when_resolved: list[bool] = []
     lock = threading.Lock()
 
-    def check(key: str) -> None:
+    def check(key: str, _resolved: object) -> None:
         with Session(pg_engine) as session:
             found = session.scalar(select(Enrichment.status).where(Enrichment.key == key))
         with lock:
@@ -104,7 +105,7 @@ def test_n_images_take_ceil_n_over_batch_forward_passes_and_resolve_after_commit
     try:
         futures = [batcher.submit(Job(ref=ref)) for ref in good]
         for ref, future in zip(good, futures, strict=True):
-            future.add_done_callback(lambda _f, key=ref.key: check(key))
+            future.add_done_callback(functools.partial(check, ref.key))
         assert [f.result(timeout=60).status for f in futures] == ["ok"] * 6
     finally:
         batcher.close()
@@ -136,7 +137,7 @@ def test_a_poison_image_fails_alone_its_batch_mates_succeed(
 ) -> None:
     store, refs = plan(settings, str(folder))
     model = ExplodingModel(load_model(settings))  # type: ignore[arg-type]
-    run_local(settings, store=store, refs=refs, model=model)  # type: ignore[arg-type]
+    run_local(settings, store=store, refs=refs, model=model)
     rows = rows_by_key(pg_engine)
     assert rows["alpha.png"].status == "failed_infer"
     assert "illegal memory access" in (rows["alpha.png"].error or "")

@@ -26,7 +26,7 @@ from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import ENRICH_TASK_NAME, Settings
 from schema.tables import Enrichment
-from tests.conftest import REDIS_URL, enrich_cli, wait_for
+from tests.conftest import REDIS_URL, StartWorker, enrich_cli, wait_for
 from tests.test_end_to_end import put_images, rows, unacked_for
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Job, Outcome
@@ -55,8 +55,13 @@ def keys() -> list[str]:
 
 
 def test_sigkill_mid_batch_brings_the_tasks_back_and_each_finishes_once(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
     publish(settings, bucket, put_images(moto_server, bucket, keys))
     # Worker A takes every message and waits to fill a batch of 32: killed while holding all six.
     settings = settings.model_copy(update={"visibility_timeout_s": 3})
@@ -74,8 +79,13 @@ def test_sigkill_mid_batch_brings_the_tasks_back_and_each_finishes_once(
 
 
 def test_warm_shutdown_finishes_the_batch_in_hand(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
     publish(settings, bucket, put_images(moto_server, bucket, keys))
     worker = start_worker(settings.model_copy(update={"batch_size": 32, "max_wait_ms": 3000}))
     wait_for(lambda: unacked_for(settings.queue) == 6, what="worker holds 6")
@@ -98,7 +108,7 @@ def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
     bucket: str,
     moto_server: str,
     keys: list[str],
-    start_worker,  # type: ignore[no-untyped-def]
+    start_worker: StartWorker,
     pg_proxy: TcpProxy,
 ) -> None:
     publish(settings, bucket, put_images(moto_server, bucket, keys))
@@ -116,8 +126,13 @@ def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
 
 
 def test_s3_outage_is_retried_then_succeeds(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
     etags = put_images(moto_server, bucket, keys)
     proxy = TcpProxy(urlsplit(moto_server).port or 0)
     try:
@@ -137,8 +152,13 @@ def test_s3_outage_is_retried_then_succeeds(
 
 
 def test_transient_failures_that_exhaust_attempts_are_dead_lettered_and_can_be_retried(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, keys: list[str], start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
     etags = put_images(moto_server, bucket, keys[:2])
     proxy = TcpProxy(urlsplit(moto_server).port or 0)
     try:
@@ -164,8 +184,8 @@ def test_transient_failures_that_exhaust_attempts_are_dead_lettered_and_can_be_r
 
 
 def test_permanent_errors_fail_once_without_retrying(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     etags = put_images(moto_server, bucket, ["gone.jpg", "overwritten.jpg"])
     client = make_s3_client(settings)
     client.delete_object(Bucket=bucket, Key="gone.jpg")

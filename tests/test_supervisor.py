@@ -12,15 +12,15 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from schema.settings import Settings, settings_env, usable_cores
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, StartWorker, wait_for
 from tests.test_end_to_end import put_images, unacked_for
 from tests.test_reliability import one_ok_row_per_key, publish, queue_length
 from worker.supervisor import child_settings
 
 
 def test_supervised_processes_all_consume_a_killed_one_is_replaced_and_sigterm_stops_them(
-    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker
-) -> None:  # type: ignore[no-untyped-def]
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
     keys = [f"pool/{i}.jpg" for i in range(8)]
     # Each process holds at most 4 messages (concurrency 4, prefetch 1) and waits 3 s to fill a batch of 32,
     # so 8 held messages at once means both processes consume.
