@@ -34,40 +34,54 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    # After the command name, which may itself hold ")": state, ppid, ..., utime (11), stime (12).
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) of one process so far; OSError once it has gone."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
     """Every live process's CPU seconds so far and the group it counts in."""
-    found: dict[int, tuple[str, float]] = {}
+    seen: dict[int, tuple[int, str, float]] = {}  # pid -> (parent pid, command line, CPU seconds)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            seconds = process_cpu_seconds(int(entry.name))
+            fields = _stat_fields(int(entry.name))
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # exited meanwhile
             continue
-        found[int(entry.name)] = (_process_group(int(entry.name), cmdline), seconds)
-    return found
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seen[int(entry.name)] = (int(fields[1]), cmdline, seconds)
+    return {pid: (_process_group(pid, seen), seconds) for pid, (_, _, seconds) in seen.items()}
 
 
-def _process_group(pid: int, cmdline: str) -> str:
+_GROUPS = (
+    (re.compile(r"enrich(\.cli)? worker"), "worker processes"),
+    (re.compile(r"\bnanio\b"), "S3 server"),
+    (re.compile(r"\bpostgres\b"), "Postgres"),
+    (re.compile(r"redis-server"), "Redis"),
+)
+
+
+def _process_group(pid: int, seen: dict[int, tuple[int, str, float]]) -> str:
+    """By the process's own command line, else by its nearest ancestor's: a pool process's command line
+    names only multiprocessing, and both the worker's fetching/decoding pools and nanio's server
+    processes are such pools."""
     if pid == os.getpid():
         return "bench process"  # the publisher and row polling; moto's server too when it is in use
-    if re.search(r"enrich(\.cli)? worker", cmdline):
-        return "worker processes"
-    for needle, group in (
-        ("multiprocessing", "fetching + decoding"),
-        ("nanio", "S3 server"),
-        ("postgres", "Postgres"),
-        ("redis-server", "Redis"),
-    ):
-        if needle in cmdline:
-            return group
+    own = True
+    while pid in seen:
+        parent, cmdline, _ = seen[pid]
+        for pattern, group in _GROUPS:
+            if pattern.search(cmdline):
+                return "fetching + decoding" if group == "worker processes" and not own else group
+        own, pid = False, parent
     return "other"
 
 
