@@ -22,7 +22,7 @@ from worker.batcher import MicroBatcher
 from worker.device import ForkedCudaError, resolve_device
 from worker.local_run import plan, run_local
 from worker.pipeline import Job, Pipeline
-from worker.runtime import build_pipeline, load_model
+from worker.runtime import build_decoder, build_pipeline, load_model
 from worker.storage import LocalStore
 
 
@@ -188,3 +188,36 @@ def test_a_broken_fetching_pool_retries_the_job_then_records_why(
     assert (final.result.error or "").startswith("gave up after retries: ")
     row = rows_by_key(pg_engine)["img 0.jpg"]
     assert row.status == "failed_fetch" and (row.error or "").startswith("gave up after retries: ")
+
+
+def test_the_image_pool_starts_all_its_processes_before_the_first_image(
+    settings: Settings, folder: Path
+) -> None:
+    def pool_processes() -> int:
+        # Children of the fork server: Pebble's fetching and decoding processes.
+        servers = {p.parent.name for p in Path("/proc").glob("[0-9]*/cmdline") if _is_forkserver(p)}
+        return sum(_parent(p.parent) in servers for p in Path("/proc").glob("[0-9]*/stat"))
+
+    settings = settings.model_copy(update={"decode_processes": 2, "fetch_threads": 3})
+    before = pool_processes()
+    pool = build_decoder(settings, load_model(settings), LocalStore(folder))
+    try:
+        assert pool_processes() - before == 2 + 3
+        decoded = pool.decode(pool.fetch(plan(settings, str(folder))[1][0], max_bytes=10**7).data)
+        assert decoded.pixels.shape == (3, *pool.preprocessing.input_size)
+    finally:
+        pool.close()
+
+
+def _is_forkserver(cmdline: Path) -> bool:
+    try:
+        return b"multiprocessing.forkserver" in cmdline.read_bytes()
+    except OSError:
+        return False
+
+
+def _parent(proc: Path) -> str:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return ""

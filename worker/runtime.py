@@ -43,7 +43,7 @@ def build_pipeline(
 
 
 def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> ImagePool:
-    return ImagePool(
+    pool = ImagePool(
         store=store,
         preprocessing=model.preprocessing,
         max_pixels=settings.max_image_pixels,
@@ -52,6 +52,8 @@ def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> Image
         timeout_s=settings.decode_timeout_s,
         memory_mb=settings.decode_memory_mb,
     )
+    pool.start()
+    return pool
 
 
 @dataclass
