@@ -39,10 +39,13 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
+def _cpu_seconds(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU time (user + system, all threads) of one process so far; OSError once it has gone."""
-    fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_seconds(_stat_fields(pid))
 
 
 def cpu_by_process() -> dict[int, tuple[str, float]]:
@@ -56,8 +59,7 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # exited meanwhile
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        seen[int(entry.name)] = (int(fields[1]), cmdline, seconds)
+        seen[int(entry.name)] = (int(fields[1]), cmdline, _cpu_seconds(fields))
     return {pid: (_process_group(pid, seen), seconds) for pid, (_, _, seconds) in seen.items()}
 
 
