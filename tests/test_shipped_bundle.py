@@ -64,3 +64,19 @@ def test_every_serving_form_of_the_shipped_model_predicts_unseen_photos_alike(
     cuda = outputs["bf16, folded only (as on CUDA)"]
     assert (cuda.best["articleType"] == bf16.best["articleType"]).float().mean() >= 0.97
     assert sum(a == b for a, b in zip(cuda.captions, bf16.captions, strict=True)) / len(items) >= 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_model_predicts_like_the_cpu_bf16_model() -> None:
+    # The repository's sample photos: a GPU machine has the working tree but not ../shared/datasets.
+    paths = sorted((DEFAULT_BUNDLE.parents[1] / "samples").glob("*.jpg"))
+    cpu = _serve("bf16")
+    net, config, codec = build_from_bundle(DEFAULT_BUNDLE)
+    cuda = EnrichModel(net, config, codec, torch.device("cuda"), precision="auto")
+    assert cuda.bf16 and not any(isinstance(m, nn.BatchNorm2d) for m in cuda.net.modules())
+    batch = torch.stack([cpu.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    on_cpu, on_cuda = cpu.infer(batch), cuda.infer(batch)
+    same_type = (on_cpu.best["articleType"] == on_cuda.best["articleType"]).sum().item()
+    same_title = sum(a == b for a, b in zip(on_cpu.captions, on_cuda.captions, strict=True))
+    assert same_type >= len(paths) - 1 and same_title >= len(paths) - 3, (same_type, same_title, len(paths))
