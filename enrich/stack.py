@@ -48,9 +48,9 @@ def process_cpu_seconds(pid: int) -> float:
     return _cpu_seconds(_stat_fields(pid))
 
 
-def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """Every live process's CPU seconds so far and the group it counts in."""
-    seen: dict[int, tuple[int, str, float]] = {}  # pid -> (parent pid, command line, CPU seconds)
+def process_table() -> dict[int, tuple[int, str, float]]:
+    """Every live process: pid -> (parent pid, command line, CPU seconds so far)."""
+    seen: dict[int, tuple[int, str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -60,6 +60,24 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
         except OSError:  # exited meanwhile
             continue
         seen[int(entry.name)] = (int(fields[1]), cmdline, _cpu_seconds(fields))
+    return seen
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str, float]] | None = None) -> set[int]:
+    """Children, grandchildren, ... of `pid` by parent pid (/proc/PID/task/PID/children lists only what
+    the main thread started)."""
+    table = process_table() if table is None else table
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, (parent, _, _) in table.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Every live process's CPU seconds so far and the group it counts in."""
+    seen = process_table()
     return {pid: (_process_group(pid, seen), seconds) for pid, (_, _, seconds) in seen.items()}
 
 

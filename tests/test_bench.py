@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import Engine
 
 from enrich.bench import Stack, markdown_section, run_bench
-from enrich.stack import NanioServer, catalogue_images, cpu_by_process
+from enrich.stack import NanioServer, catalogue_images, cpu_by_process, descendants
 from schema.settings import Settings
 from worker.runtime import load_model
 
@@ -56,7 +54,7 @@ def test_bench_runs_several_worker_processes_through_the_supervisor_against_nani
             groups = cpu_by_process()
             workers = set(worker.worker_pids())
             assert {groups[pid][0] for pid in workers} == {"worker processes"}
-            pools = _descendants(worker.process.pid) - workers
+            pools = descendants(worker.process.pid) - workers
             assert pools and {groups[pid][0] for pid in pools} == {"fetching + decoding"}
         finally:
             worker.stop()
@@ -64,27 +62,11 @@ def test_bench_runs_several_worker_processes_through_the_supervisor_against_nani
         stack.close()
 
 
-def _descendants(pid: int) -> set[int]:
-    # By parent pid: /proc/PID/task/PID/children lists only what the main thread started.
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def test_cpu_of_the_s3_servers_pool_processes_counts_as_the_s3_server() -> None:
     # nanio's processes are multiprocessing children, whose command lines look like any other pool's.
     nanio = NanioServer(workers=2)
     try:
-        servers = _descendants(nanio.process.pid) | {nanio.process.pid}
+        servers = descendants(nanio.process.pid) | {nanio.process.pid}
         assert len(servers) >= 3
         groups = cpu_by_process()
         assert {groups[pid][0] for pid in servers} == {"S3 server"}

@@ -14,6 +14,7 @@ from PIL import Image
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from enrich.stack import process_table
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
@@ -22,7 +23,7 @@ from worker.batcher import MicroBatcher
 from worker.device import ForkedCudaError, resolve_device
 from worker.local_run import plan, run_local
 from worker.pipeline import Job, Pipeline
-from worker.runtime import build_decoder, build_pipeline, load_model
+from worker.runtime import build_pipeline, load_model
 from worker.storage import LocalStore
 
 
@@ -194,30 +195,17 @@ def test_the_image_pool_starts_all_its_processes_before_the_first_image(
     settings: Settings, folder: Path
 ) -> None:
     def pool_processes() -> int:
-        # Children of the fork server: Pebble's fetching and decoding processes.
-        servers = {p.parent.name for p in Path("/proc").glob("[0-9]*/cmdline") if _is_forkserver(p)}
-        return sum(_parent(p.parent) in servers for p in Path("/proc").glob("[0-9]*/stat"))
+        # Children of a fork server: Pebble's fetching and decoding processes.
+        table = process_table()
+        servers = {pid for pid, (_, cmdline, _) in table.items() if "multiprocessing.forkserver" in cmdline}
+        return sum(parent in servers for parent, _, _ in table.values())
 
     settings = settings.model_copy(update={"decode_processes": 2, "fetch_threads": 3})
     before = pool_processes()
-    pool = build_decoder(settings, load_model(settings), LocalStore(folder))
+    pipeline = build_pipeline(settings, model=load_model(settings), store=LocalStore(folder))
     try:
         assert pool_processes() - before == 2 + 3
-        decoded = pool.decode(pool.fetch(plan(settings, str(folder))[1][0], max_bytes=10**7).data)
-        assert decoded.pixels.shape == (3, *pool.preprocessing.input_size)
+        outcome = pipeline.process([Job(ref=plan(settings, str(folder))[1][0])])[0]
+        assert outcome.status == "ok"
     finally:
-        pool.close()
-
-
-def _is_forkserver(cmdline: Path) -> bool:
-    try:
-        return b"multiprocessing.forkserver" in cmdline.read_bytes()
-    except OSError:
-        return False
-
-
-def _parent(proc: Path) -> str:
-    try:
-        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-    except OSError:
-        return ""
+        pipeline.close()

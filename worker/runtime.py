@@ -32,6 +32,7 @@ def build_pipeline(
 ) -> Pipeline:
     engine = make_engine(settings.database_url)
     decoder = build_decoder(settings, model, store)
+    decoder.start()  # here, not in build_decoder: the bench's decode-only ceiling needs no fetchers
     return Pipeline(
         model=model,
         session_factory=make_session_factory(engine),
@@ -43,7 +44,7 @@ def build_pipeline(
 
 
 def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> ImagePool:
-    pool = ImagePool(
+    return ImagePool(
         store=store,
         preprocessing=model.preprocessing,
         max_pixels=settings.max_image_pixels,
@@ -52,8 +53,6 @@ def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> Image
         timeout_s=settings.decode_timeout_s,
         memory_mb=settings.decode_memory_mb,
     )
-    pool.start()
-    return pool
 
 
 @dataclass
