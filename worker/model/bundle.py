@@ -111,7 +111,7 @@ class EnrichModel:
             raise ValueError(f"expected a uint8 NCHW batch, got {batch.dtype} {tuple(batch.shape)}")
         if self._cuda:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def infer(self, batch: torch.Tensor) -> RawOutput:
         """The full distributions (for evaluation) and captions of a uint8 NCHW batch."""
@@ -120,6 +120,7 @@ class EnrichModel:
                 self._to_device(batch),
                 self.config.preprocessing,
                 torch.bfloat16 if self.bf16 else torch.float32,
+                torch.channels_last,
             )
             fmap = self.net.features(x)
             logits = self.net.head_logits(fmap)

@@ -5,7 +5,8 @@
 2. `fuse_conv_activations` (CPU only): a convolution and the ReLU6 after it become one oneDNN call with the
    clamp as a post-op, the call PyTorch's own compiler (inductor) emits for this pattern. A clamp on its
    own is a full read and write of the activation; on a CPU that memory traffic costs as much as the
-   depthwise convolutions themselves.
+   depthwise convolutions themselves. The tf_ variants' asymmetric "same" padding is expressed in the
+   kernel (one zero tap) rather than as a padded copy of the input (`ConvReLU6._same`).
 
 On the development CPU (2 cores, bf16, batch 64) the default model's backbone ran 60 images/s as trained,
 92 folded and 140 folded and fused (docs/benchmarks.md). torch.compile fuses the same and more, but reached
@@ -20,6 +21,7 @@ from itertools import pairwise
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
@@ -89,21 +91,49 @@ class ConvReLU6(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        # "same" padding of the tf_ variants depends on the input size, so it stays a separate pad.
+        # "same" padding of the tf_ variants depends on the input size: worked out per call.
         self.pad_same = isinstance(conv, Conv2dSame)
         self.kernel = list(conv.kernel_size)
         self.stride = list(conv.stride)
         self.dilation = list(conv.dilation)
         self.padding = [0, 0] if self.pad_same else list(conv.padding)
         self.groups = conv.groups
+        # Weights with a zero first tap along (rows, columns), keyed by those flags, dtype and device.
+        self._shifted: dict[tuple[bool, bool, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _same(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Input, weight and symmetric padding that compute timm's "same" padding without padding x.
+
+        "Same" pads (total // 2, total - total // 2): asymmetric when the total is odd, as for every
+        stride-2 convolution on an even-sized map. The fused call takes only symmetric padding, and a
+        padded copy of the input (plus the convolution over its odd, unaligned shape) cost more than the
+        convolution itself here. An odd total t is instead a symmetric (t + 1) // 2 with the kernel one tap
+        longer, its first tap zero: the extra position reads the extra padding and adds nothing.
+        """
+        totals = [
+            max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            for size, k, s, d in zip(x.shape[-2:], self.kernel, self.stride, self.dilation, strict=True)
+        ]
+        odd = (totals[0] % 2 == 1, totals[1] % 2 == 1)
+        if self.dilation != [1, 1]:  # not in any tf_ EfficientNet-Lite; the padded copy stays correct
+            return pad_same(x, self.kernel, self.stride, self.dilation), self.weight, [0, 0]
+        if not any(odd):
+            return x, self.weight, [t // 2 for t in totals]
+        key = (*odd, self.weight.dtype, self.weight.device)
+        weight = self._shifted.get(key)
+        if weight is None:
+            weight = F.pad(self.weight, (int(odd[1]), 0, int(odd[0]), 0))
+            self._shifted[key] = weight
+        return x, weight, [(t + 1) // 2 for t in totals]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op has no autocast rule and needs input and weights in one dtype (a no-op when they are).
         x = x.to(self.weight.dtype)
+        weight, padding = self.weight, self.padding
         if self.pad_same:
-            x = pad_same(x, self.kernel, self.stride, self.dilation)
+            x, weight, padding = self._same(x)
         out: torch.Tensor = torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            x, weight, self.bias, padding, self.stride, self.dilation, self.groups,
             "hardtanh", [0.0, 6.0], "",
         )  # fmt: skip
         return out
