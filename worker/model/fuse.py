@@ -129,7 +129,8 @@ class ConvReLU6(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op has no autocast rule and needs input and weights in one dtype (a no-op when they are).
         x = x.to(self.weight.dtype)
-        weight, padding = self.weight, self.padding
+        weight: torch.Tensor = self.weight
+        padding = self.padding
         if self.pad_same:
             x, weight, padding = self._same(x)
         out: torch.Tensor = torch.ops.mkldnn._convolution_pointwise(
