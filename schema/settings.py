@@ -81,6 +81,9 @@ class Settings(BaseSettings):
 
     # Limits on hostile input.
     max_object_bytes: int = 50 * 1024 * 1024
+    # Bytes of fetched objects one worker process holds at once, waiting for or in decoding: fetching
+    # waits beyond it, so a batch of large originals cannot exhaust the pod's memory (worker/budget.py).
+    max_fetched_bytes: int = 1024 * 1024 * 1024
     max_image_pixels: int = 60_000_000
     # Decoding runs in this many worker processes (-1: one per usable core, see usable_cores), so that one
     # image can be held to a wall-clock and a memory limit (a thread cannot be stopped mid-decode, a process

@@ -7,6 +7,7 @@ import io
 import math
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,45 @@ def test_the_image_pool_starts_all_its_processes_before_the_first_image(
         assert outcome.status == "ok"
     finally:
         pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def large_originals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 legal 2000x2000 PNGs of 11.4 MiB each (noise, stored uncompressed): large bytes that take the
+    decoding processes long enough for fetched bytes to queue up in the worker."""
+    root = tmp_path_factory.mktemp("originals")
+    noise = Image.frombytes("RGB", (2000, 2000), os.urandom(2000 * 2000 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG", compress_level=0)
+    for i in range(16):
+        (root / f"original {i}.png").write_bytes(buffer.getvalue())
+    return root
+
+
+@pytest.mark.parametrize("objects_in_budget", [2.5, 0.5])
+def test_the_bytes_a_worker_holds_stay_within_its_budget_whatever_the_object_sizes(
+    settings: Settings, large_originals: Path, objects_in_budget: float
+) -> None:
+    refs = plan(settings, str(large_originals))[1]
+    size = refs[0].size
+    assert size is not None and size > 11 * 2**20
+    budget = int(objects_in_budget * size)
+    # 8 fetch threads and 2 decoding processes: fetching outruns decoding, as with large originals in S3.
+    # Unbudgeted, the worker held ~20 objects of such a batch at once (232 MiB, measured).
+    settings = settings.model_copy(
+        update={"decode_processes": 2, "fetch_threads": 8, "max_fetched_bytes": budget}
+    )
+    pipeline = build_pipeline(settings, model=load_model(settings), store=LocalStore(large_originals))
+    tracemalloc.start()  # the worker's own Python allocations: fetched bytes, their pickles, results
+    try:
+        prepared = pipeline.prepare([Job(ref=ref) for ref in refs])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        pipeline.close()
+    # Nothing lost: every original decoded, even with a budget smaller than one of them (let in alone).
+    assert all(item.pixels is not None for item in prepared), [item.result for item in prepared]
+    assert pipeline.budget.held == 0
+    # Held bytes <= the budget (or one object over it, alone), plus the copies in transit to a decoding
+    # process and back from a fetching one.
+    assert peak <= max(budget, size) + 2 * size + 8 * 2**20, f"{peak / 2**20:.0f} MiB"

@@ -44,6 +44,12 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+        self.fetched_bytes = Gauge(
+            "enrich_fetched_bytes_held",
+            "Bytes of fetched objects waiting for or in decoding (capped by ENRICH_MAX_FETCHED_BYTES)",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "enrich_stage_seconds", "Wall time of a batch stage", ["stage"], registry=self.registry
         )

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from schema.repository import already_enriched, upsert_enrichments
 from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
+from worker.budget import ByteBudget, Hold
 from worker.decode import DecodedInput, DecodeError, DecodeLimitError
 from worker.image_pool import ImagePool, ImagePoolError
 from worker.metrics import WorkerMetrics
@@ -80,6 +81,7 @@ class Pipeline:
         session_factory: Callable[[], Session],
         decoder: ImagePool,
         max_object_bytes: int,
+        max_fetched_bytes: int,
         fetch_threads: int,
         metrics: WorkerMetrics | None = None,
     ) -> None:
@@ -88,6 +90,7 @@ class Pipeline:
         self.decoder = decoder
         self.max_object_bytes = max_object_bytes
         self.metrics = metrics or WorkerMetrics()
+        self.budget = ByteBudget(max_fetched_bytes, on_change=self.metrics.fetched_bytes.set)
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="enrich-fetch")
 
     def close(self) -> None:
@@ -120,6 +123,22 @@ class Pipeline:
             return set()
 
     def _fetch(self, job: Job) -> tuple[Prepared, Future[DecodedInput] | None]:
+        """Fetch and submit one job, holding its bytes in the budget until its decode has ended."""
+        # With the event's size the wait happens before the GET; without it, after (the bytes in hand).
+        hold = self.budget.reserve(job.ref.size or 0)
+        pending: Future[DecodedInput] | None = None
+        try:
+            item, pending = self._fetch_and_submit(job, hold)
+        finally:
+            if pending is None:
+                hold.release()
+            else:
+                # Released by the pool's thread when the decode ends, not by the batch thread, which
+                # collects results in order: a later job's bytes must not wait for an earlier job's turn.
+                pending.add_done_callback(lambda _: hold.release())
+        return item, pending
+
+    def _fetch_and_submit(self, job: Job, hold: Hold) -> tuple[Prepared, Future[DecodedInput] | None]:
         item = Prepared(job=job)
         ref = job.ref
         started = time.perf_counter()
@@ -136,6 +155,7 @@ class Pipeline:
                 item.result = self._failure(ref, status, reason)
             return item, None
         item.timings_ms["fetch"] = (time.perf_counter() - started) * 1000
+        hold.resize(len(fetched.data))
         item.result = EnrichmentResult(
             ref=ref,
             status=Status.OK,

@@ -38,6 +38,7 @@ def build_pipeline(
         session_factory=make_session_factory(engine),
         decoder=decoder,
         max_object_bytes=settings.max_object_bytes,
+        max_fetched_bytes=settings.max_fetched_bytes,
         fetch_threads=settings.fetch_threads,
         metrics=metrics,
     )

@@ -1,0 +1,47 @@
+"""The fetched-bytes budget: waits while full, lets an oversized object in alone, never deadlocks growers."""
+
+from __future__ import annotations
+
+import threading
+
+from worker.budget import ByteBudget
+
+
+def test_a_reservation_waits_until_a_release_makes_room() -> None:
+    budget = ByteBudget(10)
+    first = budget.reserve(8)
+    waiter = threading.Thread(target=budget.reserve, args=(5,))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and budget.held == 8  # 8 + 5 > 10: waiting
+    first.release()
+    waiter.join(5)
+    assert not waiter.is_alive() and budget.held == 5
+
+
+def test_an_object_larger_than_the_budget_gets_in_alone() -> None:
+    budget = ByteBudget(10)
+    huge = budget.reserve(25)  # nothing else held: let in, or it would wait forever
+    assert budget.held == 25
+    huge.release()
+    huge.release()  # a second release frees nothing more
+    assert budget.held == 0
+
+
+def test_holders_that_grow_do_not_wait_for_each_other() -> None:
+    # Both objects turn out larger than their events said; the bytes are already in hand, so waiting for
+    # each other's release would deadlock. They overshoot the budget instead, and the next one waits.
+    budget = ByteBudget(10)
+    a, b = budget.reserve(4), budget.reserve(4)
+    a.resize(9)
+    b.resize(9)
+    assert budget.held == 18
+    unknown = budget.reserve(0)  # an object of unknown size holds nothing before its GET ...
+    grown = threading.Thread(target=unknown.resize, args=(3,))
+    grown.start()
+    grown.join(0.2)
+    assert grown.is_alive()  # ... and, holding nothing, waits for room once its size is known
+    a.release()
+    b.release()
+    grown.join(5)
+    assert budget.held == 3
