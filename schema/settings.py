@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,22 @@ class Settings(BaseSettings):
     webhook_port: int = 8080
     webhook_secret: SecretStr | None = None
     webhook_max_body_bytes: int = 1024 * 1024
+
+    @model_validator(mode="after")
+    def _decoders_can_receive_the_largest_object(self) -> Settings:
+        # A decoding process receives the whole object before its task starts. One that runs out of address
+        # space while receiving dies outside any task, and Pebble's pool does not recover from that (its
+        # jobs fail as "pool broken", or the pool hangs): measured, a 600 MB object broke a 1024 MiB
+        # decoder, 300 MB did not. So the limit must leave room for ~3 copies plus the ~190 MiB a process
+        # starts with.
+        needed_mb = math.ceil((3 * self.max_object_bytes) / 2**20) + 256
+        if self.decode_processes != 0 and self.decode_memory_mb < needed_mb:
+            raise ValueError(
+                f"ENRICH_DECODE_MEMORY_MB={self.decode_memory_mb} is too small for ENRICH_MAX_OBJECT_BYTES="
+                f"{self.max_object_bytes}: a decoding process receives the whole object; set it to at "
+                f"least {needed_mb}"
+            )
+        return self
 
     @property
     def effective_concurrency(self) -> int:

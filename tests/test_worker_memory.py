@@ -1,9 +1,14 @@
-"""The fetched-bytes budget: waits while full, lets an oversized object in alone, never deadlocks growers."""
+"""Memory bounds of a worker process: the fetched-bytes budget (waits while full, lets an oversized object
+in alone, never deadlocks holders that grow) and the decoding processes' room to receive an object."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
+from pydantic import ValidationError
+
+from schema.settings import Settings
 from worker.budget import ByteBudget
 
 
@@ -45,3 +50,12 @@ def test_holders_that_grow_do_not_wait_for_each_other() -> None:
     b.release()
     grown.join(5)
     assert budget.held == 3
+
+
+def test_settings_refuse_a_decode_memory_limit_too_small_to_receive_the_largest_object() -> None:
+    # Measured: a 600 MB object killed a 1024 MiB decoding process while it was being received, and the
+    # pool it belonged to then failed every job or hung.
+    with pytest.raises(ValidationError, match="ENRICH_DECODE_MEMORY_MB=1024 is too small"):
+        Settings(max_object_bytes=600 * 2**20)
+    assert Settings(max_object_bytes=600 * 2**20, decode_memory_mb=2100).decode_memory_mb == 2100
+    assert Settings(max_object_bytes=600 * 2**20, decode_processes=0).decode_processes == 0  # no processes
