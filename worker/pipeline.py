@@ -5,7 +5,6 @@ Errors are values: every ref ends as an Outcome, and one bad image never fails i
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,7 +160,7 @@ class Pipeline:
             status=Status.OK,
             model_name=self.model.name,
             model_version=self.model.version,
-            content_sha256=hashlib.sha256(fetched.data).hexdigest(),
+            content_sha256=fetched.sha256,
             size=fetched.size,
             last_modified=fetched.last_modified,
         )
