@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from schema import broker
 from schema.results import ObjectRef
 from schema.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    redis = settings.broker_url.split("://", 1)[0] in ("redis", "rediss")
     return {
         "broker_url": settings.broker_url,
+        # kombu's Redis transport, sharing one client instead of building one per command (schema/broker.py).
+        **({"broker_transport": broker.TRANSPORT} if redis else {}),
         "task_default_queue": settings.queue,
         # The Redis list KEDA measures is the queue name; keep every task on it.
         "task_create_missing_queues": True,
