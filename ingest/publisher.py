@@ -37,6 +37,9 @@ class JobPublisher:
                 self._app.send_task(
                     ENRICH_TASK_NAME,
                     args=[ref_to_message(ref)],
+                    # Given, so Celery does not saferepr() the arguments for its monitoring header.
+                    argsrepr=f"s3://{ref.bucket}/{ref.key}",
+                    kwargsrepr="{}",
                     queue=self._settings.queue,
                     producer=producer,
                     retry=True,
