@@ -39,6 +39,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+# Set by the worker on a retried message: the attempts the image itself has spent (transient fetch and pool
+# failures). Celery's own counter (`request.retries`) counts every retry, the free ones for a database
+# outage or a worker-side failure too, so it cannot say when the image's attempts are used up. A new
+# message (an event, a backfill, `enrich retry`) starts without it, at zero.
+ATTEMPTS_SPENT = "attempts_spent"
+
+
 def ref_to_message(ref: ObjectRef) -> dict[str, Any]:
     return {
         "bucket": ref.bucket,

@@ -125,6 +125,34 @@ def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
     wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="all acked")
 
 
+def test_a_database_outage_longer_than_the_images_attempts_loses_nothing(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+    pg_proxy: TcpProxy,
+) -> None:
+    # Two attempts per image, and an outage that makes each job retry at least three times: the database's
+    # retries must not spend them. (Celery's retry(max_retries=None) means "the task's default", so these
+    # jobs used to end after their second retry: Celery acked the raised error and no row was written.)
+    settings = settings.model_copy(
+        update={"max_attempts": 2, "database_url": with_port(settings.database_url, pg_proxy.port)}
+    )
+    publish(settings, bucket, put_images(moto_server, bucket, keys[:2]))
+    pg_proxy.down()
+    worker = start_worker(settings)
+    wait_for(
+        lambda: worker.metric('enrich_transient_failures_total{stage="sink"}') >= 3 * 2,
+        timeout=90,
+        what="three sink failures per job",
+    )
+    pg_proxy.up()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys[:2]), timeout=90, what="rows after the outage")
+    assert {row.attempts for row in rows(pg_engine)} == {1}
+
+
 def test_s3_outage_is_retried_then_succeeds(
     settings: Settings,
     pg_engine: Engine,

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from schema.queue import celery_config, ref_from_message
+from schema.queue import ATTEMPTS_SPENT, celery_config, ref_from_message
 from schema.settings import ENRICH_TASK_NAME, Settings
 from worker.pipeline import Job
 from worker.runtime import WorkerRuntime
@@ -24,10 +24,16 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     app = Celery("enrich-worker")
     app.conf.update(celery_config(settings))
 
-    @app.task(name=ENRICH_TASK_NAME, bind=True, max_retries=settings.max_attempts - 1)
+    # max_retries=None: Celery never gives up on its own. A retry that reached Celery's limit would raise
+    # the task's error instead, and Celery acks a task that raises, dropping the job without a row: free
+    # retries would be capped too (`retry(max_retries=None)` means "the task's default", not "unlimited").
+    # The image's own attempts are limited by the pipeline, which records a failed row on the last one.
+    @app.task(name=ENRICH_TASK_NAME, bind=True, max_retries=None)
     def enrich_object(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         ref = ref_from_message(message)
-        final_attempt = self.request.retries >= settings.max_attempts - 1
+        spent = int(message.get(ATTEMPTS_SPENT) or 0)
+        final_attempt = spent >= settings.max_attempts - 1
+        countdown = retry_countdown(self.request.retries)
         try:
             outcome = runtime.batcher.submit(Job(ref=ref, final_attempt=final_attempt)).result(
                 timeout=settings.visibility_timeout_s
@@ -38,19 +44,13 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
             # without a row: retry it instead, without spending its attempts. If the batch still lands,
             # the retry finds the row and skips.
             runtime.metrics.retries.labels("worker").inc()
-            raise self.retry(
-                exc=TransientError(f"worker: {type(error).__name__}: {error}"),
-                countdown=retry_countdown(self.request.retries),
-                max_retries=None,
-            ) from None
+            exc = TransientError(f"worker: {type(error).__name__}: {error}")
+            raise self.retry(exc=exc, countdown=countdown) from None
         if outcome.retry_reason is not None:
-            database_down = outcome.retry_reason.startswith("database")
-            # A database outage is not the image's fault: retry it without spending the image's attempts.
-            raise self.retry(
-                exc=TransientError(outcome.retry_reason),
-                countdown=retry_countdown(self.request.retries),
-                max_retries=None if database_down else settings.max_attempts - 1,
-            )
+            # A database outage is not the image's fault: retried without spending the image's attempts.
+            image_fault = not outcome.retry_reason.startswith("database")
+            retried = {**message, ATTEMPTS_SPENT: spent + 1} if image_fault else message
+            raise self.retry(args=[retried], exc=TransientError(outcome.retry_reason), countdown=countdown)
         return {"bucket": ref.bucket, "key": ref.key, "status": outcome.status}
 
     return app
