@@ -124,7 +124,8 @@ class Pipeline:
     def _fetch(self, job: Job) -> tuple[Prepared, Future[DecodedInput] | None]:
         """Fetch and submit one job, holding its bytes in the budget until its decode has ended."""
         # With the event's size the wait happens before the GET; without it, after (the bytes in hand).
-        hold = self.budget.reserve(job.ref.size or 0)
+        # Capped: the fetch refuses a larger object, so a size no object can have must not stall the rest.
+        hold = self.budget.reserve(min(job.ref.size or 0, self.max_object_bytes))
         pending: Future[DecodedInput] | None = None
         try:
             item, pending = self._fetch_and_submit(job, hold)

@@ -110,13 +110,13 @@ class ConvReLU6(nn.Module):
         convolution itself here. An odd total t is instead a symmetric (t + 1) // 2 with the kernel one tap
         longer, its first tap zero: the extra position reads the extra padding and adds nothing.
         """
-        totals = [
-            max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            for size, k, s, d in zip(x.shape[-2:], self.kernel, self.stride, self.dilation, strict=True)
-        ]
-        odd = (totals[0] % 2 == 1, totals[1] % 2 == 1)
         if self.dilation != [1, 1]:  # not in any tf_ EfficientNet-Lite; the padded copy stays correct
             return pad_same(x, self.kernel, self.stride, self.dilation), self.weight, [0, 0]
+        totals = [
+            max((-(-size // s) - 1) * s + k - size, 0)
+            for size, k, s in zip(x.shape[-2:], self.kernel, self.stride, strict=True)
+        ]
+        odd = (totals[0] % 2 == 1, totals[1] % 2 == 1)
         if not any(odd):
             return x, self.weight, [t // 2 for t in totals]
         key = (*odd, self.weight.dtype, self.weight.device)
