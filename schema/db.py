@@ -8,8 +8,23 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+# A database that stops answering without closing the connection (a partition, a failed-over host) would
+# otherwise block a worker's batch loop until the kernel gives up on the socket, hours later: connecting
+# gives up after 10 s, a dead peer is noticed within ~40 s by TCP keepalives, and the worker's statements are
+# cancelled by the server past its limit (worker/runtime.py). Each ends as a connection error,
+# which the worker retries without spending the images' attempts.
+_POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives_idle": 20,
+    "keepalives_interval": 5,
+    "keepalives_count": 4,
+    "tcp_user_timeout": 40_000,  # ms: unacknowledged data (a request sent into a partition)
+}
 
-def make_engine(database_url: str) -> Engine:
+
+def make_engine(database_url: str, *, statement_timeout_s: float | None = None) -> Engine:
+    """statement_timeout_s: the server cancels any statement of this engine that runs longer (None: no
+    limit, for migrations and operators' queries)."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -26,7 +41,18 @@ def make_engine(database_url: str) -> Engine:
         return engine
     # executemany through psycopg's pipeline rather than SQLAlchemy's "insertmanyvalues" rewrite into one
     # long multi-row statement, which psycopg would have to parse again for every batch.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, use_insertmanyvalues=False)
+    connect_args: dict[str, object] = dict(_POSTGRES_CONNECT_ARGS)
+    if statement_timeout_s is not None:
+        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=30,
+        use_insertmanyvalues=False,
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -28,6 +28,8 @@ class Status(StrEnum):
     FAILED_DECODE = "failed_decode"
     FAILED_INFER = "failed_infer"
     FAILED_LIMIT = "failed_limit"
+    # The service itself could not end the job (its row refused, the worker failing on it): see `error`.
+    FAILED_WORKER = "failed_worker"
 
 
 @dataclass(frozen=True, slots=True)

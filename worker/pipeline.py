@@ -5,6 +5,7 @@ Errors are values: every ref ends as an Outcome, and one bad image never fails i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from schema.repository import already_enriched, upsert_enrichments
@@ -50,11 +51,16 @@ class Outcome:
     result: EnrichmentResult | None = None  # written to the table
     skipped: bool = False  # an ok row for this model version already existed
     retry_reason: str | None = None  # transient: nothing written, the job should be retried
+    # The database refuses any row for this object (its key holds a NUL byte, say): nothing can be
+    # written, so the job ends here, logged and counted, instead of being retried for ever.
+    unrecordable: str | None = None
 
     @property
     def status(self) -> str:
         if self.retry_reason is not None:
             return "retry"
+        if self.unrecordable is not None:
+            return "unrecordable"
         if self.skipped:
             return "skipped"
         assert self.result is not None
@@ -114,12 +120,19 @@ class Pipeline:
         return prepared
 
     def _already_enriched(self, refs: list[ObjectRef]) -> set[ObjectRef]:
+        # Not fatal when it fails: the sink's upsert is idempotent on its own; this check only saves GPU time.
         try:
-            with self.session_factory() as session:
-                return already_enriched(session=session, refs=refs, model_version=self.model.version)
-        except SQLAlchemyError:
-            # Not fatal: the sink's upsert is idempotent on its own; this check only saves GPU time.
-            return set()
+            return self._enriched_among(refs)
+        except Exception as error:  # noqa: BLE001
+            if _connection_trouble(error) or len(refs) == 1:
+                return set()
+        # A ref the database cannot even compare (a key it cannot encode) spoiled the batch's lookup:
+        # one at a time, so its batch-mates are still skipped.
+        return set().union(*(self._already_enriched([ref]) for ref in refs))
+
+    def _enriched_among(self, refs: list[ObjectRef]) -> set[ObjectRef]:
+        with self.session_factory() as session:
+            return already_enriched(session=session, refs=refs, model_version=self.model.version)
 
     def _fetch(self, job: Job) -> tuple[Prepared, Future[DecodedInput] | None]:
         """Fetch and submit one job, holding its bytes in the budget until its decode has ended."""
@@ -129,6 +142,8 @@ class Pipeline:
         pending: Future[DecodedInput] | None = None
         try:
             item, pending = self._fetch_and_submit(job, hold)
+        except Exception as error:  # noqa: BLE001 - one job's surprise must not fail its batch-mates
+            item = self._unexpected_fetch_error(job, error)
         finally:
             if pending is None:
                 hold.release()
@@ -169,6 +184,14 @@ class Pipeline:
             return item, self.decoder.submit(fetched.data)
         except ImagePoolError as error:
             return self._pool_failed(item, error, Status.FAILED_DECODE), None
+
+    def _unexpected_fetch_error(self, job: Job, error: Exception) -> Prepared:
+        """An error no stage expects (a key botocore cannot encode, say): it may be transient, so it is
+        retried, but it spends the image's attempts, so it ends as a recorded failure, never a loop."""
+        reason = f"unexpected {type(error).__name__}: {error}"
+        if job.final_attempt:
+            return Prepared(job=job, result=self._failure(job.ref, Status.FAILED_FETCH, reason))
+        return Prepared(job=job, retry_reason=f"fetch: {reason}")
 
     def _decoded(self, item: Prepared, pending: Future[DecodedInput] | None) -> Prepared:
         """Wait for the decode of one fetched item; a failure becomes the item's result."""
@@ -232,29 +255,77 @@ class Pipeline:
         ready = [item for item in prepared if item.pixels is not None]
         if ready:
             self._infer(ready)
-        results = [item.result for item in prepared if item.result is not None]
         outcomes = [self._outcome(item) for item in prepared]
-        if results:
+        to_write = [o for o in outcomes if o.result is not None]
+        if to_write:
             started = time.perf_counter()
             try:
-                with self.session_factory() as session, session.begin():
-                    upsert_enrichments(session=session, results=results)
-            except SQLAlchemyError as error:
-                # Nothing was committed: hand every job of the batch back for retry.
-                reason = f"database: {type(error).__name__}: {str(error).splitlines()[0]}"
-                self.metrics.retries.labels("sink").inc(len(results))
-                return [
-                    Outcome(ref=o.ref, retry_reason=reason) if o.result is not None else o for o in outcomes
-                ]
+                self._write([o.result for o in to_write if o.result is not None])
+            except Exception as error:  # noqa: BLE001 - sorted below: the connection, or the data
+                if _connection_trouble(error):
+                    # Nothing was committed: hand every job of the batch back for retry.
+                    self.metrics.retries.labels("sink").inc(len(to_write))
+                    reason = f"database: {_one_line(error)}"
+                    return [
+                        Outcome(ref=o.ref, retry_reason=reason) if o.result is not None else o
+                        for o in outcomes
+                    ]
+                # The database refused the batch's data, not its connection: one row at a time, so a row
+                # it cannot hold fails alone and its batch-mates are written.
+                for outcome in to_write:
+                    self._write_alone(outcome)
             self.metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
         for outcome in outcomes:
             if outcome.result is not None:
                 self.metrics.results.labels(outcome.result.status.value).inc()
+            elif outcome.unrecordable is not None:
+                self.metrics.results.labels("unrecordable").inc()
             elif outcome.skipped:
                 self.metrics.skipped.inc()
             else:
-                self.metrics.retries.labels("fetch").inc()
+                stage = "sink" if (outcome.retry_reason or "").startswith("database") else "fetch"
+                self.metrics.retries.labels(stage).inc()
         return outcomes
+
+    def record_failure(self, ref: ObjectRef, reason: str) -> Outcome:
+        """End a job outside any batch, when the batch path itself failed it on its last attempt."""
+        outcome = Outcome(ref=ref, result=self._failure(ref, Status.FAILED_WORKER, reason))
+        self._write_alone(outcome)
+        return outcome
+
+    def _write(self, results: Sequence[EnrichmentResult]) -> None:
+        with self.session_factory() as session, session.begin():
+            upsert_enrichments(session=session, results=results)
+
+    def _write_alone(self, outcome: Outcome) -> None:
+        """Write one refused batch's row by itself; if refused again, a bare failure row in its place
+        (the model's output may be what the database cannot hold); if even that is refused, the object's
+        identity is: the job is unrecordable."""
+        result = outcome.result
+        assert result is not None
+        try:
+            self._write([result])
+            return
+        except Exception as error:  # noqa: BLE001
+            if _connection_trouble(error):
+                outcome.result, outcome.retry_reason = None, f"database: {_one_line(error)}"
+                return
+            refused = _one_line(error)
+        bare = self._failure(
+            result.ref,
+            Status.FAILED_WORKER,
+            f"the database refused this image's row: {refused}",
+            size=result.size,
+            sha256=result.content_sha256,
+        )
+        try:
+            self._write([bare])
+            outcome.result = bare
+        except Exception as error:  # noqa: BLE001
+            if _connection_trouble(error):
+                outcome.result, outcome.retry_reason = None, f"database: {_one_line(error)}"
+            else:
+                outcome.result, outcome.unrecordable = None, f"the database refuses any row for it: {refused}"
 
     def _outcome(self, item: Prepared) -> Outcome:
         if item.retry_reason is not None:
@@ -276,8 +347,11 @@ class Pipeline:
         for item, prediction in zip(ready, predictions, strict=True):
             assert item.result is not None
             item.pixels = None  # free the tensor before the sink
-            if isinstance(prediction, ImagePrediction):
+            if isinstance(prediction, ImagePrediction) and _finite(prediction):
                 item.result.prediction = prediction
+            elif isinstance(prediction, ImagePrediction):
+                item.result.status = Status.FAILED_INFER
+                item.result.error = "the model's output is not finite (NaN or infinite confidences)"
             else:
                 item.result.status = Status.FAILED_INFER
                 item.result.error = prediction
@@ -301,3 +375,25 @@ class Pipeline:
         self.metrics.batch_size.observe(size)
         if torch.cuda.is_initialized():
             self.metrics.device_memory_peak.set(torch.cuda.max_memory_allocated())
+
+
+def _connection_trouble(error: BaseException) -> bool:
+    """The database could not be reached, went away or timed out: no row of the batch is at fault."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def _one_line(error: BaseException) -> str:
+    text = next(iter(str(error).splitlines()), "")
+    # The reason is stored in the row: a NUL byte (Postgres text cannot hold one) must not come along.
+    return f"{type(error).__name__}: {text}".replace("\x00", "\\x00")
+
+
+def _finite(prediction: ImagePrediction) -> bool:
+    """A NaN confidence (an overflow in half precision, say) is no prediction, and JSON cannot store it."""
+    values = [prediction.caption_confidence]
+    for field_prediction in prediction.fields.values():
+        values.append(field_prediction.confidence)
+        values.extend(p for _, p in field_prediction.top_k)
+    return all(math.isfinite(v) for v in values)

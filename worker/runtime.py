@@ -27,10 +27,15 @@ def use_model_threads(settings: Settings) -> None:
     torch.set_num_threads(settings.effective_model_threads)
 
 
+# The worker's statements are one batch's lookup or upsert (milliseconds); one still running after this
+# long is stuck behind a lock or a sick server, and its batch is better retried.
+WORKER_STATEMENT_TIMEOUT_S = 60.0
+
+
 def build_pipeline(
     settings: Settings, *, model: Model, store: ObjectStore, metrics: WorkerMetrics | None = None
 ) -> Pipeline:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, statement_timeout_s=WORKER_STATEMENT_TIMEOUT_S)
     decoder = build_decoder(settings, model, store)
     decoder.start()  # here, not in build_decoder: the bench's decode-only ceiling needs no fetchers
     return Pipeline(

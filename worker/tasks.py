@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, Task
 
 from schema.queue import ATTEMPTS_SPENT, celery_config, ref_from_message
 from schema.settings import ENRICH_TASK_NAME, Settings
-from worker.pipeline import Job
+from worker.pipeline import Job, Outcome
 from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
 
 
 class TransientError(Exception):
@@ -39,18 +42,34 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
                 timeout=settings.visibility_timeout_s
             )
         except Exception as error:  # noqa: BLE001
-            # The worker, not the image, failed (a batch slower than the visibility timeout while the
-            # database hangs, a loop error). Celery acks a task that raises, which would drop the job
-            # without a row: retry it instead, without spending its attempts. If the batch still lands,
-            # the retry finds the row and skips.
+            # The worker, not the image, failed (a batch slower than the visibility timeout, a loop error).
+            # Celery acks a task that raises, which would drop the job without a row: retry it instead.
+            # It spends an attempt (a failure that follows the job round would otherwise loop for ever);
+            # on the last one the job is recorded as failed_worker. If the batch still lands, its row
+            # replaces that failure, or the retry finds the row and skips.
             runtime.metrics.retries.labels("worker").inc()
-            exc = TransientError(f"worker: {type(error).__name__}: {error}")
-            raise self.retry(exc=exc, countdown=countdown) from None
+            reason = f"worker: {type(error).__name__}: {error}"
+            if final_attempt:
+                outcome = runtime.pipeline.record_failure(
+                    ref, f"gave up after {spent + 1} attempts: {reason}"
+                )
+            else:
+                retried = {**message, ATTEMPTS_SPENT: spent + 1}
+                raise self.retry(args=[retried], exc=TransientError(reason), countdown=countdown) from None
         if outcome.retry_reason is not None:
             # A database outage is not the image's fault: retried without spending the image's attempts.
             image_fault = not outcome.retry_reason.startswith("database")
             retried = {**message, ATTEMPTS_SPENT: spent + 1} if image_fault else message
             raise self.retry(args=[retried], exc=TransientError(outcome.retry_reason), countdown=countdown)
-        return {"bucket": ref.bucket, "key": ref.key, "status": outcome.status}
+        if outcome.unrecordable is not None:
+            log.error("no row can record s3://%s/%r: %s", ref.bucket, ref.key, outcome.unrecordable)
+        return _summary(outcome)
 
     return app
+
+
+def _summary(outcome: Outcome) -> dict[str, Any]:
+    summary: dict[str, Any] = {"bucket": outcome.ref.bucket, "key": outcome.ref.key, "status": outcome.status}
+    if outcome.unrecordable is not None:
+        summary["error"] = outcome.unrecordable
+    return summary
