@@ -7,15 +7,18 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from schema.results import ObjectRef, Status
 from schema.settings import Settings
 
 if TYPE_CHECKING:
@@ -31,6 +34,23 @@ app.add_typer(db_app, name="db")
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
+# `--status` values: a status of the table, or "failed" for any failure. A typo ("okay") is refused
+# instead of matching no row and printing an empty table.
+FAILURE_STATUSES: tuple[str, ...] = ("failed", *(s.value for s in Status if s is not Status.OK))
+QUERY_STATUSES: tuple[str, ...] = (Status.OK.value, *FAILURE_STATUSES)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str | None], str | None]:
+    """An option callback that refuses any value outside `choices`, naming them."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
@@ -38,9 +58,25 @@ class OutputFormat(StrEnum):
 
 
 def _settings(**overrides: object) -> Settings:
-    settings = Settings()
-    changes = {name: value for name, value in overrides.items() if value is not None}
-    return settings.model_validate({**settings.model_dump(), **changes}) if changes else settings
+    try:
+        settings = Settings()
+        changes = {name: value for name, value in overrides.items() if value is not None}
+        return settings.model_validate({**settings.model_dump(), **changes}) if changes else settings
+    except ValidationError as error:
+        # A misconfigured deployment should read one line per bad variable, not a pydantic traceback.
+        Console(stderr=True).print(f"[red]invalid settings[/red]:\n{_settings_problems(error)}")
+        raise typer.Exit(2) from None
+
+
+def _settings_problems(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        where = "_".join(str(part) for part in problem["loc"]).upper()
+        message = problem["msg"].removeprefix("Value error, ")
+        # Our own messages name their variable; pydantic's (a type error) do not.
+        named = not where or message.startswith(f"ENRICH_{where}")
+        lines.append(f"  {message}" if named else f"  ENRICH_{where}: {message}")
+    return "\n".join(lines)
 
 
 def _logging(level: str) -> None:
@@ -268,7 +304,11 @@ def ingest_backfill(
 @app.command()
 def retry(
     status: Annotated[
-        str, typer.Option(help="Which failures: failed (all), failed_fetch, failed_infer, ...")
+        str,
+        typer.Option(
+            help="Which failures: failed (all), failed_fetch, failed_infer, ...",
+            callback=_one_of(FAILURE_STATUSES),
+        ),
     ] = "failed",
     bucket: Annotated[str | None, typer.Option()] = None,
     prefix: Annotated[str | None, typer.Option(help="Key prefix")] = None,
@@ -278,17 +318,27 @@ def retry(
     replaces its failed row; `attempts` counts the tries."""
     from ingest.publisher import JobPublisher
     from schema.repository import EnrichmentQuery
-    from schema.results import ObjectRef
 
-    if status != "failed" and not status.startswith("failed_"):
-        raise typer.BadParameter("only failures can be retried: failed or failed_*")
     settings = _settings()
     found = _query_rows(
         settings, EnrichmentQuery(status=status, bucket=bucket, key_prefix=prefix, limit=limit)
     )
-    refs = [ObjectRef(r.bucket, r.key, version_id=r.version_id, etag=r.etag, size=r.size) for r in found]
+    refs = [_stored_ref(row) for row in found]
     report = JobPublisher(settings).publish(refs)
     console.print(f"queued {report.published} failed jobs on '{settings.queue}'")
+
+
+def _stored_ref(row: Enrichment) -> ObjectRef:
+    """The job again, with everything of its identity the row holds: the sequencer too, or the retried
+    version would lose its place among the key's versions (and an older version become the latest row)."""
+    return ObjectRef(
+        row.bucket,
+        row.key,
+        version_id=row.version_id,
+        etag=row.etag,
+        size=row.size,
+        sequencer=row.sequencer,  # stored padded; ObjectRef.sort_sequencer leaves a padded one as it is
+    )
 
 
 @app.command()
@@ -401,16 +451,24 @@ def bench(
 
 # -- query ----------------------------------------------------------------------------------------------
 
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_RELATIVE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def _parse_time(value: str | None) -> datetime | None:
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    """An ISO time (UTC unless it says otherwise) or a duration before now: 30s, 15m, 2h, 7d, 1w."""
     if value is None:
         return None
-    if match := _RELATIVE.match(value):
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-        return datetime.now(UTC) - timedelta(**{unit: int(match.group(1))})
-    parsed = datetime.fromisoformat(value)
+    if match := _RELATIVE.match(value.strip()):
+        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither an ISO time (2026-11-01, 2026-11-01T12:00) nor a duration "
+            "(30s, 15m, 2h, 7d, 1w)",
+            param_hint=option,
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -423,8 +481,11 @@ def query(
     min_confidence: Annotated[
         float | None, typer.Option(help="Minimum confidence of the --where fields (all fields if none)")
     ] = None,
-    status: Annotated[str | None, typer.Option(help="ok, failed (any failure), failed_decode, ...")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO time or relative: 30m, 2h, 7d")] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="ok, failed (any failure), failed_decode, ...", callback=_one_of(QUERY_STATUSES)),
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time or relative: 30m, 2h, 7d, 1w")] = None,
     until: Annotated[str | None, typer.Option(help="ISO time or relative")] = None,
     bucket: Annotated[str | None, typer.Option()] = None,
     prefix: Annotated[str | None, typer.Option(help="Key prefix")] = None,
@@ -449,8 +510,8 @@ def query(
         equals=equals,
         min_confidence=min_confidence,
         status=status,
-        since=_parse_time(since),
-        until=_parse_time(until),
+        since=_parse_time(since, "--since"),
+        until=_parse_time(until, "--until"),
         bucket=bucket,
         key_prefix=prefix,
         model_version=model_version,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, column, select, table, tuple_
+from sqlalchemy import ColumnElement, Select, Table, column, func, select, table, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -57,6 +57,10 @@ def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
     return row
 
 
+# Columns an upsert never overwrites with NULL (see upsert_enrichments).
+_KEPT_WHEN_NULL: tuple[str, ...] = ("sequencer", "object_last_modified")
+
+
 def upsert_enrichments(*, session: Session, results: Sequence[EnrichmentResult]) -> int:
     """Write a batch in one round trip. Returns how many rows were inserted or changed.
 
@@ -80,6 +84,9 @@ def upsert_enrichments(*, session: Session, results: Sequence[EnrichmentResult])
         index_elements=["bucket", "key", "object_version", "model_version"],
         set_={
             **{column: excluded[column] for column in updatable},
+            # What orders this version among the key's versions is a fact about the bytes, not the try:
+            # a retry or a backfill (no event, so no sequencer; a failed fetch, no LastModified) keeps it.
+            **{column: func.coalesce(excluded[column], enrichments.c[column]) for column in _KEPT_WHEN_NULL},
             "attempts": enrichments.c.attempts + 1,
             "updated_at": datetime.now().astimezone(),
         },

@@ -6,14 +6,22 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO_ROOT / "models" / "default"
 DEFAULT_QUEUE = "enrich"
 ENRICH_TASK_NAME = "enrich.object"
+# Settings below 1 that would not fail at start but quietly misbehave later, and why each needs one.
+AT_LEAST_ONE: dict[str, str] = {
+    "batch_size": "a forward pass needs an image",
+    "visibility_timeout_s": "Redis would hand every message in progress to another worker at once",
+    "max_attempts": "a job needs at least one attempt to end as a row",
+    "worker_processes": "1 runs the worker in the `enrich worker` process itself, N > 1 supervises N",
+}
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -55,8 +63,9 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
-    # Buckets the ingest accepts events for; empty means any.
-    allowed_buckets: list[str] = Field(default_factory=list)
+    # Buckets the ingest accepts events for; empty means any. NoDecode: the environment may hold a JSON
+    # list or a plain comma-separated one (see _bucket_list), not only the JSON pydantic-settings expects.
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sqs_queue_url: str | None = None
     sqs_endpoint_url: str | None = None  # None: AWS's own endpoint for the region
 
@@ -98,6 +107,39 @@ class Settings(BaseSettings):
     webhook_port: int = 8080
     webhook_secret: SecretStr | None = None
     webhook_max_body_bytes: int = 1024 * 1024
+
+    @field_validator("allowed_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, value: Any) -> Any:
+        """`uploads,photos` or `["uploads", "photos"]` (what settings_env writes); a list passes as is."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"ENRICH_ALLOWED_BUCKETS={value!r} is not a JSON list ({error.msg}); "
+                    "or give the buckets comma-separated: uploads,photos"
+                ) from None
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    @field_validator(*AT_LEAST_ONE)
+    @classmethod
+    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
+        name = info.field_name or ""
+        if value < 1:
+            raise ValueError(f"ENRICH_{name.upper()}={value} must be at least 1: {AT_LEAST_ONE[name]}")
+        return value
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_named(cls, value: str) -> str:
+        # An empty name would consume and publish on a queue no KEDA trigger nor other process watches.
+        if not value.strip():
+            raise ValueError(f"ENRICH_QUEUE must name the queue (default {DEFAULT_QUEUE!r}), got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _decoders_can_receive_the_largest_object(self) -> Settings:

@@ -35,8 +35,9 @@ FIELD_COLUMNS: dict[str, str] = {
 assert tuple(FIELD_COLUMNS) == FIELDS
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
-# The latest row per (bucket, key): the newest object version (sequencer, else LastModified), then the
-# newest write. A view made by the migrations, so SQL users and `enrich query` share one definition.
+# The latest row per (bucket, key): the newest object version (LastModified, then sequencer, over all the
+# version's rows), then the newest write of it. A view made by the migrations (0003), so SQL users and
+# `enrich query` share one definition.
 LATEST_VIEW = "enrichments_latest"
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import redis
+from sqlalchemy import Engine
 
-from schema.results import FIELDS
+from schema.queue import ref_from_message
+from schema.results import FIELDS, ObjectRef, Status
 from schema.settings import Settings
-from tests.conftest import enrich_cli, sample_jpegs
+from tests.conftest import REDIS_URL, enrich_cli, sample_jpegs
+from tests.test_repository import failed_result, ok_result, write
 
 
 @pytest.fixture
@@ -77,4 +84,43 @@ def test_run_a_folder_into_sqlite_then_query_json_csv_and_filters(
 def test_db_upgrade_on_the_real_postgres_is_idempotent(settings: Settings) -> None:
     first = enrich_cli(settings, "db", "upgrade")
     second = enrich_cli(settings, "db", "upgrade")
-    assert "revision 0002" in first.stdout and "revision 0002" in second.stdout
+    assert "revision 0003" in first.stdout and "revision 0003" in second.stdout
+
+
+def _said(stderr: str) -> str:
+    """The words of an error, unwrapped from rich's box (it folds long lines at the terminal width)."""
+    return " ".join(stderr.replace("│", " ").split())
+
+
+def test_query_and_retry_refuse_unknown_statuses_and_times(sqlite_settings: Settings) -> None:
+    enrich_cli(sqlite_settings, "db", "upgrade")
+    # A typo matched no row and printed an empty table with exit 0, as if nothing had failed.
+    for args in (["query", "--status", "okay"], ["retry", "--status", "ok"]):
+        bad = enrich_cli(sqlite_settings, *args, check=False)
+        said = _said(bad.stderr)
+        assert bad.returncode == 2 and "'--status'" in said and "failed_fetch" in said, said
+    for since in ("1w", "15m", "7d", "2026-11-01", "2026-11-01T12:00+01:00"):
+        assert enrich_cli(sqlite_settings, "query", "--since", since, "--format", "json").stdout == ""
+    # A time that is neither ISO nor a duration ended in a ValueError traceback.
+    bad = enrich_cli(sqlite_settings, "query", "--since", "yesterday", check=False)
+    said = _said(bad.stderr)
+    assert bad.returncode == 2 and "Traceback" not in said, said
+    assert "--since" in said and "'yesterday'" in said and "15m" in said
+
+
+def test_retry_requeues_the_failed_version_with_its_stored_identity(
+    settings: Settings, pg_engine: Engine
+) -> None:
+    older = ObjectRef("shop", "k.jpg", etag="e1", size=10, sequencer="0055AED6DCD90281E5")
+    newer = ObjectRef("shop", "k.jpg", version_id="v2", etag="e2", size=12, sequencer="0055AED6DCD90281F0")
+    write(pg_engine, replace(ok_result(older), last_modified=datetime(2026, 11, 1, tzinfo=UTC)))
+    write(pg_engine, replace(failed_result(newer), status=Status.FAILED_FETCH))
+
+    assert "queued 1 failed jobs" in enrich_cli(settings, "retry").stdout
+
+    (raw,) = redis.Redis.from_url(REDIS_URL).lrange(settings.queue, 0, -1)
+    (message,), _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    queued = ref_from_message(message)
+    # Without its sequencer the retried version's row lost its place, and the older one became latest.
+    assert queued.sort_sequencer == newer.sort_sequencer
+    assert (queued.object_version, queued.etag, queued.size) == ("v2", "e2", 12)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from schema.db import make_engine
-from schema.migrate import upgrade
+from schema.migrate import alembic_config, upgrade
 from schema.repository import EnrichmentQuery, already_enriched, query_enrichments, upsert_enrichments
 from schema.results import EnrichmentResult, FieldPrediction, ImagePrediction, ObjectRef, Status
 from schema.tables import Enrichment
@@ -143,3 +147,98 @@ def test_already_enriched_names_only_ok_rows_of_that_model_version(engine: Engin
     write(engine, ok_result(a), failed_result(b), ok_result(c, version="0.9.0"))
     with Session(engine) as session:
         assert already_enriched(session=session, refs=[a, b, c], model_version="1.0.0") == {a}
+
+
+T1 = datetime(2026, 11, 1, tzinfo=UTC)
+SEQ1, SEQ2 = "0055AED6DCD90281E5", "0055AED6DCD90281F0"  # S3 sequencers of two puts of one key
+
+
+def event_ok(key: str, etag: str, seq: str | None, modified: datetime | None, **kw: Any) -> EnrichmentResult:
+    """An `ok` row as the worker writes it: an event's ref carries a sequencer, a listing's does not."""
+    return replace(ok_result(ObjectRef("shop", key, etag=etag, sequencer=seq), **kw), last_modified=modified)
+
+
+def latest(engine: Engine, key: str) -> tuple[str, str, str, str | None]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT object_version, model_version, status, article_type FROM enrichments_latest "
+                "WHERE key = :key"
+            ),
+            {"key": key},
+        ).one()
+    return (row[0], row[1], row[2], row[3])
+
+
+def test_model_upgrade_by_backfill_is_the_latest_row_of_an_event_image(engine: Engine) -> None:
+    # The event wrote model 1.0.0 with a sequencer; the upgrade's backfill lists the same bytes without one.
+    write(engine, event_ok("a.jpg", "e1", SEQ1, T1, version="1.0.0", article="Tshirts"))
+    write(engine, event_ok("a.jpg", "e1", None, T1, version="2.0.0", article="Shirts"))
+    assert latest(engine, "a.jpg") == ("e1", "2.0.0", "ok", "Shirts")
+    with Session(engine) as session:
+        (shown,) = query_enrichments(session=session, query=EnrichmentQuery(key_prefix="a.jpg"))
+    assert shown.model_version == "2.0.0"  # `enrich query` reads the view
+
+
+def test_a_reconciled_newer_version_without_a_sequencer_is_the_latest_row(engine: Engine) -> None:
+    # The overwrite's event was lost: reconciliation enriched it from a listing (LastModified, no sequencer).
+    write(engine, event_ok("b.jpg", "e1", SEQ1, T1, article="Tshirts"))
+    write(engine, event_ok("b.jpg", "e2", None, T1 + timedelta(hours=1), article="Shirts"))
+    assert latest(engine, "b.jpg") == ("e2", "1.0.0", "ok", "Shirts")
+
+
+def test_a_failed_newer_version_stays_latest_and_a_late_older_event_does_not(engine: Engine) -> None:
+    # A failed fetch knows no LastModified: its sequencer still puts it after the older version, so it is the
+    # latest row (where `enrich retry` and `--status failed` find it) ...
+    write(engine, event_ok("c.jpg", "e1", SEQ1, T1))
+    failed = replace(
+        failed_result(ObjectRef("shop", "c.jpg", etag="e2", sequencer=SEQ2)), status=Status.FAILED_FETCH
+    )
+    write(engine, failed)
+    assert latest(engine, "c.jpg")[:3] == ("e2", "1.0.0", "failed_fetch")
+    # ... and a late event for an older version, whose fetch failed (If-Match), stays below the newer one.
+    write(engine, event_ok("d.jpg", "e2", SEQ2, T1))
+    late = replace(
+        failed_result(ObjectRef("shop", "d.jpg", etag="e1", sequencer=SEQ1)), status=Status.FAILED_FETCH
+    )
+    write(engine, late)
+    assert latest(engine, "d.jpg")[:3] == ("e2", "1.0.0", "ok")
+
+
+def test_a_retry_keeps_the_stored_sequencer_and_last_modified(engine: Engine) -> None:
+    ref = ObjectRef("shop", "a.jpg", etag="e1", sequencer=SEQ1)
+    write(engine, replace(failed_result(ref), last_modified=T1))
+    write(engine, failed_result(ObjectRef("shop", "a.jpg", etag="e1")))  # a ref without them: no NULLs
+    (row,) = rows(engine)
+    assert row.sequencer == ref.sort_sequencer and row.object_last_modified is not None
+    assert row.object_last_modified.replace(tzinfo=UTC) == T1
+    assert row.attempts == 2
+    write(engine, ok_result(ObjectRef("shop", "a.jpg", etag="e1", sequencer="FF")))  # a value still wins
+    (row,) = rows(engine)
+    assert (row.status, row.sequencer) == ("ok", "FF".rjust(32, "0"))
+
+
+def test_latest_view_has_the_table_columns_and_downgrade_restores_0002(engine: Engine) -> None:
+    with engine.connect() as conn:
+        table_columns = list(conn.execute(text("SELECT * FROM enrichments")).keys())
+        shown = list(conn.execute(text("SELECT * FROM enrichments_latest")).keys())
+    assert shown == [*table_columns, "rank_in_image"]
+    write(engine, event_ok("a.jpg", "e1", SEQ1, T1, version="1.0.0"))
+    write(engine, event_ok("a.jpg", "e1", None, T1, version="2.0.0"))
+    try:
+        _migrate(engine, "0002")
+        assert latest(engine, "a.jpg")[1] == "1.0.0"  # 0002's view: the sequenced row first
+    finally:
+        _migrate(engine, "head")
+    assert latest(engine, "a.jpg")[1] == "2.0.0"
+
+
+def _migrate(engine: Engine, revision: str) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        if revision == "head":
+            command.upgrade(config, revision)
+        else:
+            command.downgrade(config, revision)
