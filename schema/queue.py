@@ -26,6 +26,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # Hold few messages beyond the running ones, so KEDA's LLEN sees the real backlog.
         "worker_prefetch_multiplier": 1,
+        # A retry is a message with an ETA, held unacknowledged until due, and Celery raises the prefetch
+        # for each one it holds: uncapped, a worker retrying through an outage drains the whole list into
+        # its memory, and KEDA, reading 0, scales the fleet down. Capped at what the worker runs at once.
+        "worker_eta_task_limit": settings.effective_concurrency,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
             # Sweep for a dead worker's unacknowledged messages every 10 s (kombu's default scans only

@@ -153,6 +153,44 @@ def test_a_database_outage_longer_than_the_images_attempts_loses_nothing(
     assert {row.attempts for row in rows(pg_engine)} == {1}
 
 
+def test_during_a_database_outage_the_backlog_stays_in_the_list_keda_measures(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    start_worker: StartWorker,
+    pg_proxy: TcpProxy,
+) -> None:
+    # Each retry is a message with an ETA, which Celery holds unacknowledged until it is due, raising its
+    # prefetch for each: without a cap one worker took the whole backlog out of the list during an outage,
+    # KEDA read a queue length of 0 and scaled the fleet down while the work waited.
+    settings = settings.model_copy(
+        update={"batch_size": 2, "database_url": with_port(settings.database_url, pg_proxy.port)}
+    )
+    keys = [f"outage/{i}.jpg" for i in range(24)]
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    pg_proxy.down()
+    worker = start_worker(settings)
+    wait_for(
+        lambda: (
+            worker.metric('enrich_transient_failures_total{stage="sink"}')
+            >= 2 * settings.effective_concurrency
+        ),
+        timeout=90,
+        what="two rounds of retries",
+    )
+    held, waiting = [], []
+    for _ in range(12):
+        held.append(unacked_for(settings.queue))
+        waiting.append(queue_length(settings.queue))
+        time.sleep(0.5)
+    assert max(held) <= settings.effective_concurrency, held
+    # (A message is briefly in neither place while it is delivered or retried.)
+    assert min(waiting) >= len(keys) - settings.effective_concurrency - 2, waiting
+    pg_proxy.up()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=120, what="rows after the outage")
+
+
 def test_s3_outage_is_retried_then_succeeds(
     settings: Settings,
     pg_engine: Engine,
