@@ -2,7 +2,8 @@
 
 Understands the bodies that reach ingest: AWS S3 records (direct, inside an SNS envelope, or as an SQS
 message body), MinIO's webhook body (the same records plus `EventName`/`Key`), EventBridge's
-`detail` form, and the `s3:TestEvent` that arrives when a notification is configured.
+`detail` form, SNS's `SubscriptionConfirmation` (returned for the webhook to confirm) and the
+`s3:TestEvent` that arrives when a notification is configured.
 """
 
 from __future__ import annotations
@@ -15,28 +16,53 @@ from urllib.parse import unquote_plus
 
 from schema.results import ObjectRef
 
+# S3 names the version of an object written while versioning was off or suspended "null": a literal that
+# every such write of the key shares, so it identifies no bytes (the ETag does).
+NULL_VERSION_ID = "null"
+# A size with more digits than this is not an S3 size (5 TB has 13); int() of >4300 digits even raises.
+_MAX_SIZE_DIGITS = 20
+
 
 class EventParseError(ValueError):
     """The body is not an S3 event we understand; the sender should not retry it unchanged."""
 
 
+@dataclass(frozen=True, slots=True)
+class SnsSubscription:
+    """An SNS SubscriptionConfirmation: nothing is delivered until its SubscribeURL is visited."""
+
+    topic_arn: str
+    subscribe_url: str
+
+
 @dataclass(slots=True)
 class ParsedEvent:
     refs: list[ObjectRef] = field(default_factory=list)
-    # Records deliberately not turned into jobs (deletes, test events), with why: counted, not lost.
+    # Records deliberately not turned into jobs (deletes, test events, keys no row can hold), with why:
+    # counted, not lost.
     ignored: list[str] = field(default_factory=list)
+    subscription: SnsSubscription | None = None
 
 
 def parse_event_body(body: bytes | str | Mapping[str, Any]) -> ParsedEvent:
     """Parse one notification body. Raises EventParseError on anything malformed."""
-    document = _load(body)
+    return _parse_document(_load(body), in_envelope=False)
+
+
+def _parse_document(document: Any, *, in_envelope: bool) -> ParsedEvent:
     if not isinstance(document, Mapping):
         raise EventParseError("event body must be a JSON object")
 
-    # SNS envelope (S3 -> SNS -> SQS/HTTP): the S3 event is a JSON string in "Message".
-    if document.get("Type") == "Notification" and "Message" in document:
-        return parse_event_body(str(document["Message"]))
-    if document.get("Event") == "s3:TestEvent" or document.get("Type") == "SubscriptionConfirmation":
+    # SNS envelope (S3 -> SNS -> SQS/HTTP): the S3 event is a JSON string in "Message". One level only:
+    # nothing wraps an SNS envelope in another, and unbounded unwrapping would be unbounded recursion.
+    if document.get("Type") == "Notification" and "Message" in document and not in_envelope:
+        message = document["Message"]
+        if not isinstance(message, str):
+            raise EventParseError("SNS notification 'Message' is not a string")
+        return _parse_document(_load(message), in_envelope=True)
+    if document.get("Type") == "SubscriptionConfirmation":
+        return _sns_subscription(document)
+    if document.get("Event") == "s3:TestEvent" or document.get("Type") == "UnsubscribeConfirmation":
         return ParsedEvent(ignored=[f"test event: {document.get('Event') or document.get('Type')}"])
     if "detail" in document and "Records" not in document:
         return _parse_eventbridge(document)
@@ -54,7 +80,7 @@ def parse_event_body(body: bytes | str | Mapping[str, Any]) -> ParsedEvent:
                 f"Records[{index}]: event {event_name or '<none>'} is not an object creation"
             )
             continue
-        parsed.refs.append(_ref_from_s3_record(record, index))
+        _add(parsed, _ref_from_s3_record(record, index), f"Records[{index}]")
     return parsed
 
 
@@ -63,8 +89,40 @@ def _load(body: bytes | str | Mapping[str, Any]) -> Any:
         return body
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EventParseError(f"event body is not valid JSON: {error}") from None
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's digit limit;
+    # RecursionError a deeply nested body (200 KB of '[' is enough): all malformed, never a crash.
+    except (ValueError, RecursionError) as error:
+        raise EventParseError(f"event body is not valid JSON: {type(error).__name__}: {error}") from None
+
+
+def _add(parsed: ParsedEvent, ref: ObjectRef, where: str) -> None:
+    """One record whose names no row or request can carry is ignored with its reason; its siblings go on."""
+    problem = _unstorable(ref)
+    if problem is None:
+        parsed.refs.append(ref)
+    else:
+        parsed.ignored.append(f"{where}: {problem}")
+
+
+def _unstorable(ref: ObjectRef) -> str | None:
+    # Postgres text cannot hold NUL; psycopg and botocore cannot encode a lone surrogate (JSON's "\ud800").
+    # The reasons quote the value with repr(): escaped, so they can be logged and answered as JSON.
+    for name, value in (
+        ("bucket", ref.bucket),
+        ("key", ref.key),
+        ("version id", ref.version_id),
+        ("ETag", ref.etag),
+        ("sequencer", ref.sequencer),
+    ):
+        if value is None:
+            continue
+        if "\x00" in value:
+            return f"{name} {value!r} contains NUL"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{name} {value!r} contains a lone surrogate (not encodable as UTF-8)"
+    return None
 
 
 def _ref_from_s3_record(record: Mapping[str, Any], index: int) -> ObjectRef:
@@ -77,14 +135,13 @@ def _ref_from_s3_record(record: Mapping[str, Any], index: int) -> ObjectRef:
         raise EventParseError(f"Records[{index}] lacks s3.bucket.name or s3.object.key") from None
     if not isinstance(bucket, str) or not isinstance(raw_key, str) or not bucket or not raw_key:
         raise EventParseError(f"Records[{index}] has an empty or non-string bucket or key")
-    size = obj.get("size")
     return ObjectRef(
         bucket=bucket,
         # Keys in S3 events are URL-encoded with '+' for spaces.
         key=unquote_plus(raw_key),
-        version_id=_optional_str(obj.get("versionId")),
+        version_id=_version_id(obj.get("versionId")),
         etag=_optional_str(obj.get("eTag") or obj.get("etag")),
-        size=int(size) if isinstance(size, int | str) and str(size).isdigit() else None,
+        size=_size(obj.get("size")),
         sequencer=_optional_str(obj.get("sequencer")),
     )
 
@@ -100,19 +157,49 @@ def _parse_eventbridge(document: Mapping[str, Any]) -> ParsedEvent:
         key = obj["key"]
     except (KeyError, TypeError):
         raise EventParseError("EventBridge event lacks detail.bucket.name or detail.object.key") from None
-    return ParsedEvent(
-        refs=[
-            ObjectRef(
-                bucket=str(bucket),
-                # EventBridge keys are URL-encoded too (but spaces arrive as %20, which unquote_plus handles).
-                key=unquote_plus(str(key)),
-                version_id=_optional_str(obj.get("version-id")),
-                etag=_optional_str(obj.get("etag")),
-                size=obj.get("size") if isinstance(obj.get("size"), int) else None,
-                sequencer=_optional_str(obj.get("sequencer")),
-            )
-        ]
+    # The same checks as the S3 form: a str() of a nested object would become a job for a key nobody wrote.
+    if not isinstance(bucket, str) or not isinstance(key, str) or not bucket or not key:
+        raise EventParseError("EventBridge event has an empty or non-string bucket or key")
+    ref = ObjectRef(
+        bucket=bucket,
+        # EventBridge keys are URL-encoded too (but spaces arrive as %20, which unquote_plus handles).
+        key=unquote_plus(key),
+        version_id=_version_id(obj.get("version-id")),
+        etag=_optional_str(obj.get("etag")),
+        size=_size(obj.get("size")),
+        sequencer=_optional_str(obj.get("sequencer")),
     )
+    parsed = ParsedEvent()
+    _add(parsed, ref, "EventBridge detail")
+    return parsed
+
+
+def _sns_subscription(document: Mapping[str, Any]) -> ParsedEvent:
+    url, topic = document.get("SubscribeURL"), document.get("TopicArn")
+    if not isinstance(url, str) or not url or not isinstance(topic, str):
+        raise EventParseError("SNS SubscriptionConfirmation lacks a SubscribeURL or TopicArn string")
+    return ParsedEvent(
+        ignored=[f"SNS SubscriptionConfirmation for {topic}"],
+        subscription=SnsSubscription(topic_arn=topic, subscribe_url=url),
+    )
+
+
+def _size(value: object) -> int | None:
+    """A byte count, else None (unknown): the size is a hint for the worker's memory budget, so an odd one
+    costs the hint, not the image."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    # isdigit() alone accepts "²" and other Unicode digits that int() refuses.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= _MAX_SIZE_DIGITS:
+        return int(value)
+    return None
+
+
+def _version_id(value: object) -> str | None:
+    version_id = _optional_str(value)
+    return None if version_id == NULL_VERSION_ID else version_id
 
 
 def _optional_str(value: object) -> str | None:
