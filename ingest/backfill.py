@@ -3,32 +3,98 @@ with --missing-only those that have no row yet: the reconciliation that catches 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from typing import TYPE_CHECKING
 
+from botocore.exceptions import ClientError
 from sqlalchemy.orm import Session
 
 from ingest.publisher import JobPublisher, PublishReport
 from schema.db import make_engine
+from schema.events import NULL_VERSION_ID
 from schema.repository import without_rows
 from schema.results import IMAGE_SUFFIXES, ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.model.config import BundleConfig
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+# Versioning that cannot be read is taken as off (today's ETag listing), with a warning: a backfill
+# should not fail for want of one permission, or on a store without the versioning API.
+_VERSIONING_UNKNOWABLE = frozenset({"AccessDenied", "NotImplemented"})
+
 
 def list_objects(
     settings: Settings, bucket: str, prefix: str, *, images_only: bool = True
 ) -> Iterator[ObjectRef]:
-    paginator = make_s3_client(settings).get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+    """The current objects under `prefix`, named as their S3 events name them.
+
+    On a versioned bucket an event carries the version id, so the listing must too: a ref with the ETag
+    only is another identity for the same bytes, and `--missing-only` would re-queue (and the worker
+    re-enrich) every object that arrived by an event.
+    """
+    client = make_s3_client(settings)
+    listed = (
+        _latest_versions(client, bucket, prefix)
+        if _versioned(client, bucket)
+        else _current(client, bucket, prefix)
+    )
+    for ref in listed:
+        if images_only and not ref.key.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        yield ref
+
+
+def _versioned(client: S3Client, bucket: str) -> bool:
+    """Versioning Enabled or Suspended (a suspended bucket still holds objects with real version ids)."""
+    try:
+        status = client.get_bucket_versioning(Bucket=bucket).get("Status")
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code not in _VERSIONING_UNKNOWABLE:
+            raise
+        log.warning(
+            "cannot read the versioning of bucket %s (%s): listing by ETag; on a versioned bucket grant "
+            "s3:GetBucketVersioning, or reconciliation re-queues objects that arrived by an event",
+            bucket,
+            code,
+        )
+        return False
+    return status in ("Enabled", "Suspended")
+
+
+def _current(client: S3Client, bucket: str, prefix: str) -> Iterator[ObjectRef]:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            key = item["Key"]
-            if images_only and not key.lower().endswith(IMAGE_SUFFIXES):
+            yield ObjectRef(bucket=bucket, key=item["Key"], etag=_etag(item.get("ETag")), size=item["Size"])
+
+
+def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[ObjectRef]:
+    """The latest version of each key (a key whose latest is a delete marker is gone: its versions are all
+    non-latest, and delete markers are listed apart). Pages through every old version too: the price of
+    naming the current ones as their events do."""
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Versions", []):
+            if not item.get("IsLatest"):
                 continue
+            version_id = item.get("VersionId")
             yield ObjectRef(
-                bucket=bucket, key=key, etag=item.get("ETag", "").strip('"') or None, size=item["Size"]
+                bucket=bucket,
+                key=item["Key"],
+                # "null": written while versioning was off or suspended; its events name it by ETag too.
+                version_id=None if version_id in (None, "", NULL_VERSION_ID) else version_id,
+                etag=_etag(item.get("ETag")),
+                size=item["Size"],
             )
+
+
+def _etag(value: str | None) -> str | None:
+    return (value or "").strip('"') or None
 
 
 def without_a_row(session: Session, refs: Iterable[ObjectRef], *, model_version: str) -> Iterator[ObjectRef]:
