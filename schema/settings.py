@@ -94,7 +94,11 @@ class Settings(BaseSettings):
     # waits beyond it, so a batch of large originals cannot exhaust the pod's memory (worker/budget.py).
     max_fetched_bytes: int = 1024 * 1024 * 1024
     max_image_pixels: int = 60_000_000
-    # Decoding runs in this many worker processes (-1: one per usable core, see usable_cores), so that one
+    # CPUs the worker may use, for sizing its decoding processes and model threads (0: usable_cores(), the
+    # affinity mask capped by the container's CPU quota). In Kubernetes the manifests set it from the pod's
+    # CPU request: a pod with no CPU limit has no quota, and its affinity mask lists every core of the node.
+    cpus: int = 0
+    # Decoding runs in this many worker processes (-1: one per usable CPU, see `cpus`), so that one
     # image can be held to a wall-clock and a memory limit (a thread cannot be stopped mid-decode, a process
     # can) and JPEG decoding uses every core. 0 decodes in the fetch threads, bounded by the pixel limit
     # alone.
@@ -163,13 +167,17 @@ class Settings(BaseSettings):
 
     @property
     def effective_model_threads(self) -> int:
-        return self.model_threads if self.model_threads > 0 else max(1, usable_cores() // 2)
+        return self.model_threads if self.model_threads > 0 else max(1, self.usable_cpus // 2)
 
     @property
     def effective_decode_processes(self) -> int:
         if self.decode_processes >= 0:
             return self.decode_processes
-        return usable_cores()
+        return self.usable_cpus
+
+    @property
+    def usable_cpus(self) -> int:
+        return min(self.cpus, usable_cores()) if self.cpus > 0 else usable_cores()
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -358,3 +358,17 @@ def test_every_object_is_labelled_part_of_enrich(rendered: dict[str, list[dict[s
         assert labels.get("app.kubernetes.io/part-of") == "enrich", (
             f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
         )
+
+
+def test_worker_pools_are_sized_by_the_pods_cpu_request(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, objs in rendered.items():
+        for obj in objs:
+            if obj["kind"] != "Deployment" or obj["metadata"]["name"] != "enrich-worker":
+                continue
+            container = _pod_spec(obj)["containers"][0]
+            env = {e["name"]: e for e in container.get("env", [])}
+            source = env["ENRICH_CPUS"]["valueFrom"]["resourceFieldRef"]
+            assert source["resource"] == "requests.cpu" and source["containerName"] == container["name"], (
+                overlay
+            )
+            assert "cpu" in container["resources"]["requests"], overlay

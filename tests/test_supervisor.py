@@ -103,3 +103,13 @@ def test_usable_cores_honours_a_container_cpu_quota(tmp_path: Path) -> None:
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert usable_cores(v1) == affinity
     assert usable_cores(tmp_path / "absent") == affinity
+
+
+def test_the_cpus_setting_sizes_the_pools_where_no_quota_does() -> None:
+    # A GPU pod without a CPU limit: no quota, an affinity mask of every core of the node. The manifests
+    # pass the pod's CPU request as ENRICH_CPUS, and the pools follow it, never above what is usable.
+    assert Settings(cpus=1).effective_decode_processes == 1
+    assert Settings(cpus=1).effective_model_threads == 1
+    assert Settings(cpus=10_000).effective_decode_processes == usable_cores()
+    split = child_settings(Settings(cpus=1, worker_processes=2))
+    assert (split.decode_processes, split.model_threads) == (1, 1)
