@@ -62,6 +62,23 @@ def test_unusual_but_valid_images_decode_to_rgb(name: str) -> None:
     assert decoded.image.mode == "RGB" and decoded.width > 0 and decoded.height > 0
 
 
+@pytest.mark.parametrize(
+    ("image", "fmt", "grey"),
+    [
+        (Image.new("I;16", (8, 8), 40000), "PNG", 156),
+        (Image.new("I;16B", (8, 8), 40000), "TIFF", 156),  # big-endian ("MM") TIFF
+        (Image.new("I;16", (8, 8), 40000), "TIFF", 156),
+        (Image.new("I", (8, 8), 40000), "TIFF", 156),  # 16-bit values in a 32-bit image
+        (Image.new("I", (8, 8), 200), "TIFF", 200),  # 8-bit values in a 32-bit image
+        (Image.new("F", (8, 8), 0.5), "TIFF", 128),  # floats from 0 to 1
+    ],
+    ids=["png_i16", "tiff_i16b", "tiff_i16", "tiff_i32_16bit_values", "tiff_i32_8bit_values", "tiff_float"],
+)
+def test_deep_greyscale_keeps_its_grey_level(image: Image.Image, fmt: str, grey: int) -> None:
+    decoded = decode_image(encode(image, fmt), max_pixels=LIMIT, target_size=TARGET)
+    assert decoded.image.getpixel((4, 4)) == (grey, grey, grey)
+
+
 def test_exif_rotation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # display rotated 90 degrees clockwise

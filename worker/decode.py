@@ -97,7 +97,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits rather than clip.
-        return image.point(lambda value: value / 256).convert("L").convert("RGB")
+    if image.mode.startswith("I;16"):  # 16-bit greyscale in either byte order (PNG, TIFF "MM" or "II")
+        return _grey_to_rgb(np.asarray(image).astype(np.float32) / 257.0)
+    if image.mode in ("I", "F"):
+        # 32-bit integer or float greyscale: no fixed white point, so scale by the range the values use
+        # (0..1 floats, 8- or 16-bit integers in 32 bits) rather than clip everything above 255 to white.
+        values = np.asarray(image, dtype=np.float32)
+        peak = float(values.max(initial=0.0))
+        white = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0 if peak <= 65535.0 else peak
+        return _grey_to_rgb(values * (255.0 / white))
     return image.convert("RGB")
+
+
+def _grey_to_rgb(values: np.ndarray) -> Image.Image:
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
