@@ -274,7 +274,8 @@ def ingest_sqs(
         max_empty_polls=exit_when_idle,
     )
     console.print(
-        f"{stats.messages} messages, {stats.queued} objects queued, {len(stats.malformed)} malformed"
+        f"{stats.messages} messages, {stats.queued} objects queued, {len(stats.malformed)} malformed, "
+        f"{len(stats.ignored)} records ignored, {len(stats.failed)} left for redelivery"
     )
 
 
