@@ -61,6 +61,13 @@ from worker.storage import LocalStore, S3Store
 CEILINGS = ("fetch", "decode", "model")
 
 
+def unique_bytes(blob: bytes, key: str) -> bytes:
+    """The image with the key after its end (decoders ignore trailing bytes): the worker enriches identical
+    bytes once, and the runs of one bench upload the same photos again (and cycle them when asked for more
+    images than there are), so without this a later run would measure reused rows, not work."""
+    return blob + b"\x00enrich-bench:" + key.encode()
+
+
 @dataclass
 class BenchReport:
     label: str
@@ -177,8 +184,9 @@ class Stack:
     def upload(self, prefix: str, blobs: list[bytes]) -> list[ObjectRef]:
         def put(item: tuple[int, bytes]) -> ObjectRef:
             key = f"{prefix}/{item[0]:07d}.jpg"
-            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=item[1])["ETag"].strip('"')
-            return ObjectRef(self.bucket, key, etag=etag, size=len(item[1]))
+            body = unique_bytes(item[1], key)
+            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')
+            return ObjectRef(self.bucket, key, etag=etag, size=len(body))
 
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(put, enumerate(blobs)))
@@ -288,7 +296,8 @@ class Stack:
         def upload_and_notify(index: int) -> None:
             key = f"{prefix}/{index:07d}.jpg"
             moment = time.time()
-            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=blobs[index])["ETag"].strip('"')
+            body = unique_bytes(blobs[index], key)
+            etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')
             publisher.publish([ObjectRef(self.bucket, key, etag=etag)])
             with lock:
                 uploaded[key] = moment

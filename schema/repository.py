@@ -11,7 +11,7 @@ from sqlalchemy import ColumnElement, Select, Table, column, func, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from schema.results import FIELDS, EnrichmentResult, ObjectRef, Status
+from schema.results import FIELDS, EnrichmentResult, FieldPrediction, ImagePrediction, ObjectRef, Status
 from schema.tables import FIELD_COLUMNS, LATEST_VIEW, Enrichment
 
 _latest_view = table(LATEST_VIEW, column("id"))
@@ -121,6 +121,45 @@ def already_enriched(*, session: Session, refs: Iterable[ObjectRef], model_versi
         )
     )
     return {wanted[(b, k, v)] for b, k, v in found}
+
+
+def ok_predictions_by_content(
+    *, session: Session, digests: Iterable[str], model_name: str, model_version: str
+) -> dict[str, ImagePrediction]:
+    """The stored prediction of this model for each digest that already has an ok row: identical bytes
+    (another key, a re-uploaded version, a copy in another bucket) need no second forward pass."""
+    wanted = sorted(set(digests))
+    if not wanted:
+        return {}
+    rows = session.scalars(
+        select(Enrichment).where(
+            Enrichment.content_sha256.in_(wanted),
+            Enrichment.model_name == model_name,
+            Enrichment.model_version == model_version,
+            Enrichment.status == Status.OK.value,
+        )
+    )
+    found: dict[str, ImagePrediction] = {}
+    for row in rows:
+        if row.content_sha256 is not None and row.content_sha256 not in found:
+            found[row.content_sha256] = row_to_prediction(row)
+    return found
+
+
+def row_to_prediction(row: Enrichment) -> ImagePrediction:
+    """The inverse of result_to_row's prediction columns (alternatives as stored: 5 decimals)."""
+    top_k = row.top_k or {}
+    fields = {
+        name: FieldPrediction(
+            value=getattr(row, column),
+            confidence=float(getattr(row, f"{column}_confidence") or 0.0),
+            top_k=tuple((str(label), float(p)) for label, p in top_k.get(name, [])),  # type: ignore[arg-type]
+        )
+        for name, column in FIELD_COLUMNS.items()
+    }
+    return ImagePrediction(
+        fields=fields, caption=row.caption or "", caption_confidence=float(row.caption_confidence or 0.0)
+    )
 
 
 def without_rows(*, session: Session, refs: Iterable[ObjectRef], model_version: str) -> list[ObjectRef]:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -60,6 +61,15 @@ class Enrichment(Base):
         Index("ix_enrichments_status", "status"),
         Index("ix_enrichments_updated_at", "updated_at"),
         Index("ix_enrichments_article_type", "article_type"),
+        # Identical bytes are enriched once: the worker reuses an ok row's prediction (migration 0004).
+        Index(
+            "ix_enrichments_content_sha256_model",
+            "content_sha256",
+            "model_name",
+            "model_version",
+            postgresql_where=text("status = 'ok'"),
+            sqlite_where=text("status = 'ok'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)

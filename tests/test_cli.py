@@ -84,7 +84,7 @@ def test_run_a_folder_into_sqlite_then_query_json_csv_and_filters(
 def test_db_upgrade_on_the_real_postgres_is_idempotent(settings: Settings) -> None:
     first = enrich_cli(settings, "db", "upgrade")
     second = enrich_cli(settings, "db", "upgrade")
-    assert "revision 0003" in first.stdout and "revision 0003" in second.stdout
+    assert "revision 0004" in first.stdout and "revision 0004" in second.stdout
 
 
 def _said(stderr: str) -> str:

@@ -24,7 +24,7 @@ from tests.conftest import sample_jpegs
 from worker.batcher import MicroBatcher
 from worker.device import ForkedCudaError, resolve_device
 from worker.local_run import plan, run_local
-from worker.pipeline import Job, Pipeline
+from worker.pipeline import Job, Model, Pipeline
 from worker.runtime import build_pipeline, load_model
 from worker.storage import LocalStore
 
@@ -255,3 +255,49 @@ def test_the_bytes_a_worker_holds_stay_within_its_budget_whatever_the_object_siz
     # Held bytes <= the budget (or one object over it, alone), plus the copies in transit to a decoding
     # process and back from a fetching one.
     assert peak <= max(budget, size) + 2 * size + 8 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+class NewerVersion:
+    """The same network under another model version (load_model's bundles are cached: never mutate one)."""
+
+    def __init__(self, model: Model) -> None:
+        self.predict = model.predict
+        self.name, self.version, self.preprocessing = model.name, "9.9.9", model.preprocessing
+
+
+def test_identical_bytes_are_enriched_once_per_model(
+    settings: Settings, pg_engine: Engine, tmp_path: Path, random_bundle: Path
+) -> None:
+    # The same photo under two names in one batch, then again as a third name (a re-upload, a copy in
+    # another folder): one forward pass over one image, three ok rows with the same prediction.
+    photo, other = sample_jpegs(2)
+    (tmp_path / "a.jpg").write_bytes(photo)
+    (tmp_path / "copy of a.jpg").write_bytes(photo)
+    (tmp_path / "b.jpg").write_bytes(other)
+    (tmp_path / "a again.jpg").write_bytes(photo)
+    pipeline = build_pipeline(settings, model=load_model(settings), store=LocalStore(tmp_path))
+    try:
+        first = pipeline.process(
+            [Job(ref=ObjectRef("local", k)) for k in ("a.jpg", "copy of a.jpg", "b.jpg")]
+        )
+        second = pipeline.process([Job(ref=ObjectRef("local", "a again.jpg"))])
+    finally:
+        pipeline.close()
+    assert [o.status for o in first + second] == ["ok"] * 4
+    assert pipeline.metrics.forward_passes._value.get() == 1
+    assert pipeline.metrics.batch_size._sum.get() == 2  # a.jpg and b.jpg; the copies took a.jpg's
+    assert pipeline.metrics.reused._value.get() == 2
+    rows = rows_by_key(pg_engine)
+    assert rows["copy of a.jpg"].caption == rows["a.jpg"].caption == rows["a again.jpg"].caption
+    assert rows["a again.jpg"].article_type == rows["a.jpg"].article_type
+    assert rows["a again.jpg"].top_k == rows["a.jpg"].top_k
+    assert (rows["a again.jpg"].timings_ms or {}).get("reused") == 1.0
+    assert "reused" not in (rows["a.jpg"].timings_ms or {})
+
+    # Another model version does not take this one's predictions.
+    pipeline = build_pipeline(settings, model=NewerVersion(load_model(settings)), store=LocalStore(tmp_path))
+    try:
+        assert pipeline.process([Job(ref=ObjectRef("local", "a.jpg"))])[0].status == "ok"
+    finally:
+        pipeline.close()
+    assert pipeline.metrics.forward_passes._value.get() == 1 and pipeline.metrics.reused._value.get() == 0

@@ -25,6 +25,11 @@ class WorkerMetrics:
             "Jobs whose image already had an ok row for this model version",
             registry=self.registry,
         )
+        self.reused = Counter(
+            "enrich_predictions_reused",
+            "Images whose identical bytes already had a prediction of this model: no forward pass",
+            registry=self.registry,
+        )
         self.forward_passes = Counter("enrich_forward_passes", "Model forward passes", registry=self.registry)
         self.batch_size = Histogram(
             "enrich_batch_size",

@@ -16,7 +16,7 @@ import torch
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from schema.repository import already_enriched, upsert_enrichments
+from schema.repository import already_enriched, ok_predictions_by_content, upsert_enrichments
 from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
 from worker.budget import ByteBudget, Hold
 from worker.decode import DecodedInput, DecodeError, DecodeLimitError
@@ -253,8 +253,11 @@ class Pipeline:
 
     def infer_and_sink(self, prepared: list[Prepared]) -> list[Outcome]:
         ready = [item for item in prepared if item.pixels is not None]
-        if ready:
-            self._infer(ready)
+        to_run, copies = self._reuse_identical(ready)
+        if to_run:
+            self._infer(to_run)
+        for item, source in copies:
+            self._copy_result(item, source)
         outcomes = [self._outcome(item) for item in prepared]
         to_write = [o for o in outcomes if o.result is not None]
         if to_write:
@@ -333,6 +336,50 @@ class Pipeline:
         if item.result is None:
             return Outcome(ref=item.job.ref, skipped=True)
         return Outcome(ref=item.job.ref, result=item.result)
+
+    def _reuse_identical(
+        self, ready: list[Prepared]
+    ) -> tuple[list[Prepared], list[tuple[Prepared, Prepared]]]:
+        """Identical bytes are enriched once per model: an image whose digest already has an ok row takes
+        its prediction, and of several identical images in one batch only the first is run (the rest
+        copy it afterwards). Returns the items to run and the (copy, source) pairs."""
+        digests = {item.result.content_sha256 for item in ready if item.result and item.result.content_sha256}
+        try:
+            with self.session_factory() as session:
+                known = ok_predictions_by_content(
+                    session=session,
+                    digests=digests,
+                    model_name=self.model.name,
+                    model_version=self.model.version,
+                )
+        except Exception:  # noqa: BLE001 - an outage or a refusal: the lookup only saves GPU time
+            known = {}
+        to_run: list[Prepared] = []
+        copies: list[tuple[Prepared, Prepared]] = []
+        first: dict[str, Prepared] = {}
+        for item in ready:
+            assert item.result is not None
+            digest = item.result.content_sha256
+            if digest is None:
+                to_run.append(item)
+            elif digest in known:
+                item.pixels, item.result.prediction = None, known[digest]
+                item.result.timings_ms = {**item.timings_ms, "reused": 1.0}
+                self.metrics.reused.inc()
+            elif digest in first:
+                copies.append((item, first[digest]))
+            else:
+                first[digest] = item
+                to_run.append(item)
+        return to_run, copies
+
+    def _copy_result(self, item: Prepared, source: Prepared) -> None:
+        assert item.result is not None and source.result is not None
+        item.pixels = None
+        item.result.status, item.result.error = source.result.status, source.result.error
+        item.result.prediction = source.result.prediction
+        item.result.timings_ms = {**item.timings_ms, "reused": 1.0}
+        self.metrics.reused.inc()
 
     def _infer(self, ready: list[Prepared]) -> None:
         started = time.perf_counter()

@@ -31,7 +31,9 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     # the task's error instead, and Celery acks a task that raises, dropping the job without a row: free
     # retries would be capped too (`retry(max_retries=None)` means "the task's default", not "unlimited").
     # The image's own attempts are limited by the pipeline, which records a failed row on the last one.
-    @app.task(name=ENRICH_TASK_NAME, bind=True, max_retries=None)
+    # shared=False: the task closes over this runtime; Celery would otherwise add it to every app made later
+    # in the process (a test's next app got the previous runtime's task).
+    @app.task(name=ENRICH_TASK_NAME, bind=True, max_retries=None, shared=False)
     def enrich_object(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         ref = ref_from_message(message)
         spent = int(message.get(ATTEMPTS_SPENT) or 0)
