@@ -108,9 +108,8 @@ def make_webhook_app(
         if problem is not None:
             log.warning("refused to confirm SNS subscription to %s: %s", subscription.topic_arn, problem)
             return "subscription_refused", _error(400, problem)
-        host = _host_of(
-            subscription.subscribe_url
-        )  # never the whole URL in a reply or log: it holds the token
+        # Never the whole URL in a reply or a log line: it holds the subscription's token.
+        host = _host_of(subscription.subscribe_url)
         try:
             status = get(subscription.subscribe_url)
         except (OSError, HTTPException, ValueError) as error:  # no answer: refused, timed out, garbled
