@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
 from schema.settings import Settings, settings_env, usable_cores
 from tests.conftest import REPO, StartWorker, wait_for
 from tests.test_end_to_end import put_images, unacked_for
 from tests.test_reliability import one_ok_row_per_key, publish, queue_length
-from worker.supervisor import child_settings
+from worker.supervisor import WorkerSupervisor, child_settings
 
 
 def test_supervised_processes_all_consume_a_killed_one_is_replaced_and_sigterm_stops_them(
@@ -113,3 +114,27 @@ def test_the_cpus_setting_sizes_the_pools_where_no_quota_does() -> None:
     assert Settings(cpus=10_000).effective_decode_processes == usable_cores()
     split = child_settings(Settings(cpus=1, worker_processes=2))
     assert (split.decode_processes, split.model_threads) == (1, 1)
+
+
+CRASH_LOOPING_CHILD = """
+import pathlib, sys, time
+from prometheus_client import Gauge
+Gauge("enrich_worker_processes_ready", "ready", multiprocess_mode="livesum").set(1)
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():  # the first start works for a moment (the pod passes its startup probe) ...
+    marker.write_text("started")
+    time.sleep(1.0)
+sys.exit(3)  # ... then every start dies at once (a device gone bad, a full disk)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_looping_process_stops_the_supervisor_instead_of_looking_healthy(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CRASH_LOOPING_CHILD)
+    command = [sys.executable, str(script), str(tmp_path / "marker")]
+    supervisor = WorkerSupervisor(Settings(worker_processes=1, metrics_port=0), command, max_backoff_s=0.1)
+    started = time.monotonic()
+    assert supervisor.run() == 3  # old code: restarted it every 30 s for ever, probes answering 200
+    assert supervisor.serving  # it had been ready: this is the crash loop, not the failed start
+    assert time.monotonic() - started < 30

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 READY_METRIC = "enrich_worker_processes_ready"
 # A child that lived this long before dying had a fault, not a crash loop: its restart starts from no delay.
 STABLE_AFTER_S = 60.0
+# A child that died young this many times in a row is in a crash loop (a broken device, a full disk): the
+# supervisor stops with its exit code rather than keep a pod that answers its probes and does no work, so
+# Kubernetes restarts the pod and shows the loop (CrashLoopBackOff) to the operator.
+MAX_YOUNG_DEATHS = 5
 
 
 def child_settings(settings: Settings) -> Settings:
@@ -48,10 +52,19 @@ class Child:
 
 
 class WorkerSupervisor:
-    def __init__(self, settings: Settings, command: list[str], *, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        command: list[str],
+        *,
+        max_backoff_s: float = 30.0,
+        max_young_deaths: int = MAX_YOUNG_DEATHS,
+    ) -> None:
         self.settings = settings
         self.command = command
         self.max_backoff_s = max_backoff_s
+        self.max_young_deaths = max_young_deaths
+        self.young_deaths: dict[int, int] = {}
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="enrich-metrics-"))
         self.env = settings_env(child_settings(settings)) | {
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)
@@ -115,9 +128,19 @@ class WorkerSupervisor:
                 log.error("worker process %d exited with %d before all were ready; stopping", slot, code)
                 return code
             lived = time.monotonic() - child.started
-            backoff = (
-                1.0 if lived >= STABLE_AFTER_S else min(2 * self.backoff_s.get(slot, 0.5), self.max_backoff_s)
-            )
+            young = lived < STABLE_AFTER_S
+            self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1 if young else 0
+            if self.young_deaths[slot] >= self.max_young_deaths:
+                log.error(
+                    "worker process %d died %d times in a row within %.0f s of its start (last exit %d); "
+                    "stopping",
+                    slot,
+                    self.young_deaths[slot],
+                    STABLE_AFTER_S,
+                    code,
+                )
+                return code or 1
+            backoff = min(2 * self.backoff_s.get(slot, 0.5), self.max_backoff_s) if young else 1.0
             self.backoff_s[slot] = backoff
             self.restart_at[slot] = time.monotonic() + backoff
             log.warning(
