@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from schema.results import FIELDS, EnrichmentResult, FieldPrediction, ImagePrediction, ObjectRef, Status
 from schema.tables import FIELD_COLUMNS, LATEST_VIEW, Enrichment
 
-_latest_view = table(LATEST_VIEW, column("id"))
+_latest_view = table(LATEST_VIEW, column("id"), column("bucket"), column("key"))
 
 
 def result_to_row(result: EnrichmentResult) -> dict[str, Any]:
@@ -197,7 +197,15 @@ class EnrichmentQuery:
 def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
     conditions: list[ColumnElement[bool]] = []
     if not query.all_versions:
-        conditions.append(Enrichment.id.in_(select(_latest_view.c.id)))
+        # Correlated on (bucket, key), the view's partition: the database evaluates the view for the key of
+        # each candidate row only (an index lookup), where `id IN (SELECT id FROM view)` ranked every row of
+        # the table first: 11 s per `enrich query` on a million rows, 0.1 s now (docs/benchmarks.md).
+        latest = (
+            select(_latest_view.c.id)
+            .where(_latest_view.c.bucket == Enrichment.bucket, _latest_view.c.key == Enrichment.key)
+            .scalar_subquery()
+        )
+        conditions.append(Enrichment.id == latest)
     for field_name, value in query.equals.items():
         if field_name not in FIELDS:
             raise ValueError(f"unknown field {field_name!r}; choose from {', '.join(FIELDS)}")
