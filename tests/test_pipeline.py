@@ -20,13 +20,13 @@ from enrich.stack import process_table
 from schema.results import ObjectRef
 from schema.settings import Settings
 from schema.tables import Enrichment
-from tests.conftest import sample_jpegs
+from tests.conftest import s3_client, sample_jpegs
 from worker.batcher import MicroBatcher
 from worker.device import ForkedCudaError, resolve_device
 from worker.local_run import plan, run_local
 from worker.pipeline import Job, Model, Pipeline
 from worker.runtime import build_pipeline, load_model
-from worker.storage import LocalStore
+from worker.storage import LocalStore, S3Store
 
 
 @pytest.fixture
@@ -301,3 +301,24 @@ def test_identical_bytes_are_enriched_once_per_model(
     finally:
         pipeline.close()
     assert pipeline.metrics.forward_passes._value.get() == 1 and pipeline.metrics.reused._value.get() == 0
+
+
+def test_an_event_without_version_or_etag_is_keyed_by_what_the_get_returned(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str
+) -> None:
+    # A sender that names only the key: the row takes the object's ETag from the GET, so overwriting the
+    # key with new bytes is a new image, not "already enriched" under a shared empty identity.
+    client = s3_client(moto_server)
+    first, second = sample_jpegs(2)
+    pipeline = build_pipeline(settings, model=load_model(settings), store=S3Store.from_settings(settings))
+    try:
+        etags = []
+        for data in (first, second):
+            etags.append(client.put_object(Bucket=bucket, Key="shirt.jpg", Body=data)["ETag"].strip('"'))
+            outcome = pipeline.process([Job(ref=ObjectRef(bucket, "shirt.jpg"))])[0]
+            assert outcome.status == "ok"
+    finally:
+        pipeline.close()
+    with Session(pg_engine) as session:
+        found = session.execute(select(Enrichment.object_version, Enrichment.etag, Enrichment.status)).all()
+    assert sorted(found) == sorted((etag, etag, "ok") for etag in etags)

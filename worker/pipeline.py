@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -171,6 +171,10 @@ class Pipeline:
             return item, None
         item.timings_ms["fetch"] = (time.perf_counter() - started) * 1000
         hold.resize(len(fetched.data))
+        if not ref.object_version:
+            # An event that named neither a version nor an ETag: the row is keyed by what the GET returned,
+            # or every later upload of the key would share the empty identity and be skipped as done.
+            ref = replace(ref, version_id=fetched.version_id, etag=fetched.etag)
         item.result = EnrichmentResult(
             ref=ref,
             status=Status.OK,
