@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # process's Python (messaging, batching, the upsert) caps it at a few hundred images/s, below a GPU.
     worker_processes: int = 1
     fetch_threads: int = 8
+    # The longest one object's fetch may take in its fetching process, the S3 client's own retries included:
+    # its connect and read timeouts bound each socket call, not a server that trickles bytes. A slower
+    # fetch is killed and retried as a transient failure. Not applied with ENRICH_DECODE_PROCESSES=0.
+    fetch_timeout_s: float = 180.0
     # Threads of the model's CPU work in each worker process (0: half the usable cores, at least one). On a
     # CPU device the other half decode, fetch and run the stack; on 2 cores one model thread gave the same
     # or a higher end-to-end rate than two, at less CPU per image and about half the p95 latency.

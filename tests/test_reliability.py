@@ -6,8 +6,10 @@ TCP proxy that a test cuts and restores for the worker alone.
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -323,3 +325,58 @@ def test_a_worker_side_failure_retries_the_job_instead_of_acking_it_away(setting
     assert result.state == "SUCCESS"
     assert [job.ref for job in batcher.jobs] == [ref, ref]
     assert runtime.metrics.retries.labels("worker")._value.get() == 1
+
+
+class TricklingS3(threading.Thread):
+    """An HTTP server that answers any GET with a 200 and then sends its body a byte every 0.2 s: each read
+    returns within the S3 client's read timeout, so only a deadline on the whole fetch ends it."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+
+    @staticmethod
+    def _handler() -> type[http.server.BaseHTTPRequestHandler]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.send_header("ETag", '"e1"')
+                self.end_headers()
+                try:
+                    for _ in range(1000):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass  # the client gave up
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        return Handler
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def run(self) -> None:
+        self.server.serve_forever()
+
+
+def test_a_server_that_trickles_bytes_is_a_transient_fetch_failure_after_the_deadline(
+    settings: Settings,
+) -> None:
+    trickle = TricklingS3()
+    trickle.start()
+    settings = settings.model_copy(update={"s3_endpoint_url": trickle.url, "fetch_timeout_s": 2.0})
+    pipeline = build_pipeline(settings, model=load_model(settings), store=S3Store.from_settings(settings))
+    started = time.monotonic()
+    try:
+        outcome = pipeline.process([Job(ref=ObjectRef("shop", "slow.jpg", etag="e1"))])[0]
+    finally:
+        pipeline.close()
+        trickle.server.shutdown()
+    # The old code waited for the 1,000 bytes (200 s): the worker's batch loop with it.
+    assert time.monotonic() - started < 30
+    assert outcome.status == "retry" and "longer than 2 s" in (outcome.retry_reason or "")

@@ -125,8 +125,10 @@ class ImagePool:
         fetch_processes: int,
         timeout_s: float,
         memory_mb: int,
+        fetch_timeout_s: float | None = None,
     ) -> None:
         self.store = store
+        self.fetch_timeout_s = fetch_timeout_s
         self.preprocessing = preprocessing
         self.max_pixels = max_pixels
         self.processes = processes
@@ -158,10 +160,15 @@ class ImagePool:
         """The object's bytes; FetchError as the store raises it, ImagePoolError if the pool failed."""
         if self._fetchers is None:
             return self.store.get(ref, max_bytes=max_bytes)
-        # No timeout here: the S3 client's own connect/read timeouts bound a fetch, as transient errors.
-        future = self._fetchers.schedule(_fetch_here, ref, max_bytes)
+        # The S3 client's connect/read timeouts bound each socket call; the pool's deadline bounds the whole
+        # fetch (a server trickling bytes), killing its process. There are as many fetching processes as
+        # fetch threads, so a fetch never queues and the deadline is the fetch's own.
+        future = self._fetchers.schedule(_fetch_here, ref, max_bytes, timeout=self.fetch_timeout_s)
         try:
             return future.result()
+        except TimeoutError:
+            message = f"fetching took longer than {self.fetch_timeout_s:g} s (its process was stopped)"
+            raise FetchError(message, transient=True) from None
         except ProcessExpired as error:
             message = f"the fetching process died (exit code {error.exitcode})"
             raise FetchError(message, transient=True) from None

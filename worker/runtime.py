@@ -58,6 +58,7 @@ def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> Image
         fetch_processes=settings.fetch_threads,
         timeout_s=settings.decode_timeout_s,
         memory_mb=settings.decode_memory_mb,
+        fetch_timeout_s=settings.fetch_timeout_s,
     )
 
 
