@@ -372,3 +372,11 @@ def test_worker_pools_are_sized_by_the_pods_cpu_request(rendered: dict[str, list
                 overlay
             )
             assert "cpu" in container["resources"]["requests"], overlay
+
+
+def test_only_a_webhook_needs_the_webhook_secret(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, objs in rendered.items():
+        container = _pod_spec(_find(objs, "Deployment", "enrich-ingest"))["containers"][0]
+        names = {e["name"] for e in container.get("env", [])}
+        webhook = container["args"] == ["ingest", "webhook"]
+        assert ("ENRICH_WEBHOOK_SECRET" in names) == webhook, overlay
