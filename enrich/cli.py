@@ -287,15 +287,29 @@ def ingest_backfill(
         bool,
         typer.Option(help="Queue only objects without a row for the bundle's model version (reconcile)"),
     ] = False,
+    older_than: Annotated[
+        str | None,
+        typer.Option(help="Only objects last written before this long ago (15m, 2h): their events are done"),
+    ] = None,
+    unless_queued: Annotated[
+        int | None,
+        typer.Option(help="Do nothing while more than this many jobs wait on the queue (a backlog draining)"),
+    ] = None,
 ) -> None:
     """Queue the existing objects under a prefix (first load, re-processing after a model upgrade, or
     with --missing-only a periodic reconciliation)."""
-    from ingest.backfill import list_objects, queue_objects
+    from ingest.backfill import list_objects, queue_objects, waiting_jobs
     from schema.s3 import parse_s3_url
 
     settings = _settings()
+    # A reconciliation while a large backlog drains would queue every waiting object a second time: the
+    # list KEDA scales on would double at each run. The messages it exists to find can wait for the drain.
+    if unless_queued is not None and (waiting := waiting_jobs(settings)) > unless_queued:
+        console.print(f"skipped: {waiting} jobs wait on '{settings.queue}' (more than {unless_queued})")
+        return
     bucket, prefix = parse_s3_url(url)
-    refs = list_objects(settings, bucket, prefix, images_only=not all_keys)
+    before = _parse_time(older_than, "--older-than") if older_than else None
+    refs = list_objects(settings, bucket, prefix, images_only=not all_keys, modified_before=before)
     report = queue_objects(settings, refs, missing_only=missing_only)
     console.print(f"queued {report.published} objects from {url} on '{settings.queue}'")
     for reason in report.rejected:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from itertools import islice
 from typing import TYPE_CHECKING
 
+import redis
 from botocore.exceptions import ClientError
 from sqlalchemy.orm import Session
 
@@ -30,9 +32,15 @@ _VERSIONING_UNKNOWABLE = frozenset({"AccessDenied", "NotImplemented"})
 
 
 def list_objects(
-    settings: Settings, bucket: str, prefix: str, *, images_only: bool = True
+    settings: Settings,
+    bucket: str,
+    prefix: str,
+    *,
+    images_only: bool = True,
+    modified_before: datetime | None = None,
 ) -> Iterator[ObjectRef]:
-    """The current objects under `prefix`, named as their S3 events name them.
+    """The current objects under `prefix`, named as their S3 events name them; with `modified_before`,
+    only those last written before it (a reconciliation leaves alone what its events are still bringing).
 
     On a versioned bucket an event carries the version id, so the listing must too: a ref with the ETag
     only is another identity for the same bytes, and `--missing-only` would re-queue (and the worker
@@ -44,8 +52,10 @@ def list_objects(
         if _versioned(client, bucket)
         else _current(client, bucket, prefix)
     )
-    for ref in listed:
+    for ref, last_modified in listed:
         if images_only and not ref.key.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        if modified_before is not None and last_modified >= modified_before:
             continue
         yield ref
 
@@ -68,13 +78,14 @@ def _versioned(client: S3Client, bucket: str) -> bool:
     return status in ("Enabled", "Suspended")
 
 
-def _current(client: S3Client, bucket: str, prefix: str) -> Iterator[ObjectRef]:
+def _current(client: S3Client, bucket: str, prefix: str) -> Iterator[tuple[ObjectRef, datetime]]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            yield ObjectRef(bucket=bucket, key=item["Key"], etag=_etag(item.get("ETag")), size=item["Size"])
+            ref = ObjectRef(bucket=bucket, key=item["Key"], etag=_etag(item.get("ETag")), size=item["Size"])
+            yield ref, item["LastModified"]
 
 
-def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[ObjectRef]:
+def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[tuple[ObjectRef, datetime]]:
     """The latest version of each key (a key whose latest is a delete marker is gone: its versions are all
     non-latest, and delete markers are listed apart). Pages through every old version too: the price of
     naming the current ones as their events do."""
@@ -83,7 +94,7 @@ def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[Obj
             if not item.get("IsLatest"):
                 continue
             version_id = item.get("VersionId")
-            yield ObjectRef(
+            ref = ObjectRef(
                 bucket=bucket,
                 key=item["Key"],
                 # "null": written while versioning was off or suspended; its events name it by ETag too.
@@ -91,6 +102,7 @@ def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[Obj
                 etag=_etag(item.get("ETag")),
                 size=item["Size"],
             )
+            yield ref, item["LastModified"]
 
 
 def _etag(value: str | None) -> str | None:
@@ -124,3 +136,12 @@ def queue_objects(settings: Settings, refs: Iterable[ObjectRef], *, missing_only
             engine.dispose()
     finally:
         publisher.close()
+
+
+def waiting_jobs(settings: Settings) -> int:
+    """The jobs waiting on the queue: the length of the Redis list KEDA measures too."""
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        return int(client.llen(settings.queue))
+    finally:
+        client.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 
 import boto3
 import httpx
@@ -180,3 +181,27 @@ def test_backfill_missing_only_requeues_just_the_objects_that_never_got_a_row(
     queued = redis.Redis.from_url(REDIS_URL).lrange(settings.queue, 0, -1)
     bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in queued]
     assert [args[0]["key"] for args, _kwargs, _embed in bodies] == ["m/lost.jpg"]
+
+
+def test_reconciliation_waits_for_a_draining_backlog_and_leaves_fresh_uploads_to_their_events(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str
+) -> None:
+    # Run every 15 minutes while a large backlog drains, a reconciliation queued every waiting object again
+    # (none has a row yet), doubling the list KEDA scales on at each run.
+    put_images(moto_server, bucket, ["r/a.jpg", "r/b.jpg"])
+    client = redis.Redis.from_url(REDIS_URL)
+    client.rpush(settings.queue, *(b"waiting job" for _ in range(5)))
+    args = ("ingest", "backfill", f"s3://{bucket}/r/", "--missing-only")
+
+    busy = enrich_cli(settings, *args, "--unless-queued", "4")
+    assert "skipped: 5 jobs wait" in busy.stdout and client.llen(settings.queue) == 5
+
+    client.delete(settings.queue)
+    # Just uploaded: their events are in flight, so a reconciliation leaves them alone...
+    fresh = enrich_cli(settings, *args, "--unless-queued", "4", "--older-than", "10m")
+    assert "queued 0 objects" in fresh.stdout and client.llen(settings.queue) == 0
+    # ... and takes them once they are older than that, still without a row.
+    time.sleep(1.1)
+    due = enrich_cli(settings, *args, "--older-than", "1s")
+    assert "queued 2 objects" in due.stdout and client.llen(settings.queue) == 2
+    client.close()
