@@ -28,6 +28,7 @@ from enrich.tcp_proxy import TcpProxy
 from ingest.backfill import without_a_row
 from ingest.publisher import JobPublisher
 from schema.db import make_engine
+from schema.migrate import upgrade
 from schema.results import ObjectRef
 from schema.s3 import make_s3_client
 from schema.settings import Settings
@@ -143,6 +144,7 @@ def run_soak(
     ledger.events_sent = publisher.publish(events).published
     say(f"uploaded {ledger.uploaded} images to s3://{bucket}, sent {ledger.events_sent} events")
 
+    upgrade(settings.database_url)  # a fresh database works too, as for `enrich bench`
     engine = make_engine(settings.database_url)
     model_version = BundleConfig.read(settings.model_bundle).version
     # With worker_processes > 1 each worker is a supervisor: a kill hits one of its processes, which the
