@@ -15,9 +15,8 @@ from sqlalchemy.orm import Session
 
 from ingest.publisher import JobPublisher, PublishReport
 from schema.db import make_engine
-from schema.events import NULL_VERSION_ID
 from schema.repository import without_rows
-from schema.results import IMAGE_SUFFIXES, ObjectRef
+from schema.results import IMAGE_SUFFIXES, ObjectRef, bare_etag, real_version_id
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 from worker.model.config import BundleConfig
@@ -81,7 +80,9 @@ def _versioned(client: S3Client, bucket: str) -> bool:
 def _current(client: S3Client, bucket: str, prefix: str) -> Iterator[tuple[ObjectRef, datetime]]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            ref = ObjectRef(bucket=bucket, key=item["Key"], etag=_etag(item.get("ETag")), size=item["Size"])
+            ref = ObjectRef(
+                bucket=bucket, key=item["Key"], etag=bare_etag(item.get("ETag")), size=item["Size"]
+            )
             yield ref, item["LastModified"]
 
 
@@ -93,20 +94,15 @@ def _latest_versions(client: S3Client, bucket: str, prefix: str) -> Iterator[tup
         for item in page.get("Versions", []):
             if not item.get("IsLatest"):
                 continue
-            version_id = item.get("VersionId")
             ref = ObjectRef(
                 bucket=bucket,
                 key=item["Key"],
                 # "null": written while versioning was off or suspended; its events name it by ETag too.
-                version_id=None if version_id in (None, "", NULL_VERSION_ID) else version_id,
-                etag=_etag(item.get("ETag")),
+                version_id=real_version_id(item.get("VersionId")),
+                etag=bare_etag(item.get("ETag")),
                 size=item["Size"],
             )
             yield ref, item["LastModified"]
-
-
-def _etag(value: str | None) -> str | None:
-    return (value or "").strip('"') or None
 
 
 def without_a_row(session: Session, refs: Iterable[ObjectRef], *, model_version: str) -> Iterator[ObjectRef]:

@@ -14,11 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from schema.results import ObjectRef
+from schema.results import ObjectRef, real_version_id
 
-# S3 names the version of an object written while versioning was off or suspended "null": a literal that
-# every such write of the key shares, so it identifies no bytes (the ETag does).
-NULL_VERSION_ID = "null"
 # A size with more digits than this is not an S3 size (5 TB has 13); int() of >4300 digits even raises.
 _MAX_SIZE_DIGITS = 20
 
@@ -198,8 +195,7 @@ def _size(value: object) -> int | None:
 
 
 def _version_id(value: object) -> str | None:
-    version_id = _optional_str(value)
-    return None if version_id == NULL_VERSION_ID else version_id
+    return real_version_id(_optional_str(value))
 
 
 def _optional_str(value: object) -> str | None:

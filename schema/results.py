@@ -32,6 +32,21 @@ class Status(StrEnum):
     FAILED_WORKER = "failed_worker"
 
 
+# S3 names the version of an object written while versioning was off or suspended "null": a literal that
+# every such write of the key shares, so it identifies no bytes (the ETag does).
+NULL_VERSION_ID = "null"
+
+
+def real_version_id(value: str | None) -> str | None:
+    """A version id that names these bytes, else None (absent, empty, or S3's shared "null")."""
+    return None if value in (None, "", NULL_VERSION_ID) else value
+
+
+def bare_etag(value: str | None) -> str | None:
+    """An ETag without the quotes S3 puts around it in headers and listings; None when absent."""
+    return (value or "").strip('"') or None
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectRef:
     """One object to enrich: what an S3 event, a listing or a local folder names."""

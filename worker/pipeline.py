@@ -367,9 +367,8 @@ class Pipeline:
             if digest is None:
                 to_run.append(item)
             elif digest in known:
-                item.pixels, item.result.prediction = None, known[digest]
-                item.result.timings_ms = {**item.timings_ms, "reused": 1.0}
-                self.metrics.reused.inc()
+                item.result.prediction = known[digest]
+                self._mark_reused(item)
             elif digest in first:
                 copies.append((item, first[digest]))
             else:
@@ -379,9 +378,14 @@ class Pipeline:
 
     def _copy_result(self, item: Prepared, source: Prepared) -> None:
         assert item.result is not None and source.result is not None
-        item.pixels = None
         item.result.status, item.result.error = source.result.status, source.result.error
         item.result.prediction = source.result.prediction
+        self._mark_reused(item)
+
+    def _mark_reused(self, item: Prepared) -> None:
+        """The item took another image's outcome: its pixels are not needed, and its row says so."""
+        assert item.result is not None
+        item.pixels = None
         item.result.timings_ms = {**item.timings_ms, "reused": 1.0}
         self.metrics.reused.inc()
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from schema.results import IMAGE_SUFFIXES, ObjectRef
+from schema.results import IMAGE_SUFFIXES, ObjectRef, bare_etag, real_version_id
 from schema.s3 import make_s3_client
 from schema.settings import Settings
 
@@ -112,13 +112,12 @@ class S3Store:
             raise FetchError(f"S3 unreachable: {error}", transient=True) from None
         if len(data) > max_bytes:
             raise LimitError(f"object is over the limit of {max_bytes} bytes")
-        version_id = response.get("VersionId")
         return FetchedObject(
             data=data,
             size=len(data),
             last_modified=response.get("LastModified"),
-            etag=(response.get("ETag") or "").strip('"') or None,
-            version_id=None if version_id in (None, "", "null") else version_id,
+            etag=bare_etag(response.get("ETag")),
+            version_id=real_version_id(response.get("VersionId")),
         )
 
 
