@@ -41,9 +41,15 @@ def make_engine(database_url: str, *, statement_timeout_s: float | None = None) 
         return engine
     # executemany through psycopg's pipeline rather than SQLAlchemy's "insertmanyvalues" rewrite into one
     # long multi-row statement, which psycopg would have to parse again for every batch.
-    connect_args: dict[str, object] = dict(_POSTGRES_CONNECT_ARGS)
+    # No JIT: the planner's cost for the latest-row subquery (evaluated per candidate row) crosses
+    # jit_above_cost, and compiling took ~0.5 s of every `enrich query --status failed` that then ran
+    # in 1 ms (docs/benchmarks.md). Every statement here is short; none gains from JIT.
+    options = ["-c jit=off"]
+    if isinstance(url.query.get("options"), str):
+        options.insert(0, str(url.query["options"]))  # the URL's own (?options=...) are kept, not replaced
     if statement_timeout_s is not None:
-        connect_args["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+        options.append(f"-c statement_timeout={int(statement_timeout_s * 1000)}")
+    connect_args: dict[str, object] = {**_POSTGRES_CONNECT_ARGS, "options": " ".join(options)}
     return create_engine(
         url,
         connect_args=connect_args,

@@ -194,7 +194,7 @@ class EnrichmentQuery:
     limit: int = 100
 
 
-def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
+def build_query(query: EnrichmentQuery, dialect: str = "postgresql") -> Select[Enrichment]:
     conditions: list[ColumnElement[bool]] = []
     if not query.all_versions:
         # Correlated on (bucket, key), the view's partition: the database evaluates the view for the key of
@@ -226,7 +226,7 @@ def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
     if query.bucket:
         conditions.append(Enrichment.bucket == query.bucket)
     if query.key_prefix:
-        conditions.append(Enrichment.key.startswith(query.key_prefix, autoescape=True))
+        conditions.extend(_key_starts_with(query.key_prefix, dialect))
     if query.model_version:
         conditions.append(Enrichment.model_version == query.model_version)
     return (
@@ -238,4 +238,28 @@ def build_query(query: EnrichmentQuery) -> Select[Enrichment]:
 
 
 def query_enrichments(*, session: Session, query: EnrichmentQuery) -> list[Enrichment]:
-    return list(session.scalars(build_query(query)))
+    return list(session.scalars(build_query(query, session.get_bind().dialect.name)))
+
+
+def key_range(prefix: str) -> tuple[str, str | None]:
+    """The keys that start with `prefix` are exactly [low, high) in code-point order (high None: no
+    bound), where high is the prefix with its last character incremented: an index range, unlike LIKE."""
+    stem = prefix
+    while stem:
+        last = ord(stem[-1])
+        if last < 0x10FFFF:
+            # Surrogates are not characters: UTF-8 (and so the database) cannot hold them.
+            successor = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1
+            return prefix, stem[:-1] + chr(successor)
+        stem = stem[:-1]
+    return prefix, None
+
+
+def _key_starts_with(prefix: str, dialect: str) -> list[ColumnElement[bool]]:
+    if dialect not in ("postgresql", "sqlite"):
+        return [Enrichment.key.startswith(prefix, autoescape=True)]
+    # Compared in code-point order, which index ix_enrichments_key_codepoint (migration 0005) keeps:
+    # Postgres's "C" collation; SQLite's default already is.
+    key = Enrichment.key.collate("C") if dialect == "postgresql" else Enrichment.key
+    low, high = key_range(prefix)
+    return [key >= low] if high is None else [key >= low, key < high]
