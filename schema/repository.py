@@ -88,7 +88,7 @@ def upsert_enrichments(*, session: Session, results: Sequence[EnrichmentResult])
             # a retry or a backfill (no event, so no sequencer; a failed fetch, no LastModified) keeps it.
             **{column: func.coalesce(excluded[column], enrichments.c[column]) for column in _KEPT_WHEN_NULL},
             "attempts": enrichments.c.attempts + 1,
-            "updated_at": datetime.now().astimezone(),
+            "updated_at": func.now(),  # the clock the insert used (SQLite: UTC wall time)
         },
         where=enrichments.c.status != Status.OK.value,
     )

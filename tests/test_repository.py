@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -101,6 +102,30 @@ def test_a_retry_replaces_a_failure_and_counts_attempts(engine: Engine) -> None:
     write(engine, ok_result(ref))
     (row,) = rows(engine)
     assert (row.status, row.error, row.attempts) == ("ok", None, 2)
+
+
+@pytest.fixture
+def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's local time 8 hours behind UTC (a POSIX TZ string: no tz database needed)."""
+    monkeypatch.setenv("TZ", "XST8")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("west_of_utc")
+def test_a_retried_row_is_found_by_its_time_in_any_local_timezone(engine: Engine) -> None:
+    # The retry's updated_at was local wall time, which SQLite stores without its offset: 8 hours in the
+    # past here, so `--since 1h` missed the row and `--until 1h` returned it.
+    ref = ObjectRef("shop", "a.jpg", etag="e1")
+    write(engine, failed_result(ref))
+    write(engine, ok_result(ref))
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with Session(engine) as session:
+        since = query_enrichments(session=session, query=EnrichmentQuery(since=hour_ago))
+        until = query_enrichments(session=session, query=EnrichmentQuery(until=hour_ago))
+    assert [(row.key, row.attempts) for row in since] == [("a.jpg", 2)] and until == []
 
 
 def test_history_per_model_version_and_latest_view(engine: Engine) -> None:
