@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from schema.results import ObjectRef, Status
@@ -106,21 +107,27 @@ def run(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle folder")] = None,
     output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
-    limit: Annotated[int, typer.Option(help="Rows to print")] = 50,
+    limit: Annotated[int, typer.Option(min=0, help="Rows to print (0: none)")] = 50,
 ) -> None:
     """Enrich every image under SOURCE in process (no broker) into the configured database, then print."""
     from schema.migrate import upgrade
     from worker.local_run import plan, run_local
+    from worker.pipeline import Outcome
     from worker.runtime import use_model_threads
 
     settings = _settings(batch_size=batch_size, device=device, model_bundle=bundle)
     use_model_threads(settings)
-    upgrade(settings.database_url)
-    store, refs = plan(settings, source)
+    try:
+        # Before the database: a mistyped folder must not leave an empty database file behind.
+        store, refs = plan(settings, source)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="SOURCE") from None
     if not refs:
         console.print(f"[yellow]no images under {source}[/yellow]")
         raise typer.Exit(1)
+    upgrade(settings.database_url)
     counts: dict[str, int] = {}
+    errors = Console(stderr=True)
     with Progress(
         TextColumn("[bold]enrich[/bold]"),
         BarColumn(),
@@ -131,16 +138,22 @@ def run(
     ) as progress:
         task = progress.add_task("images", total=len(refs))
 
-        def on_done(outcome: object) -> None:
-            status = getattr(outcome, "status", "?")
-            counts[status] = counts.get(status, 0) + 1
+        def on_done(outcome: Outcome) -> None:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+            if outcome.unrecordable is not None:
+                # No row will ever say so: the key (repr, as it may not print) and why go to the terminal.
+                progress.console.print(
+                    f"[red]not recorded[/red] {escape(repr(outcome.ref.key))}: {escape(outcome.unrecordable)}"
+                )
             progress.advance(task)
 
         run_local(settings, store=store, refs=refs, on_done=on_done)
-    Console(stderr=True).print(
-        f"{len(refs)} images -> {settings.database_url}: "
+    errors.print(
+        f"{len(refs)} images -> {_safe_url(settings.database_url)}: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
+    if limit == 0:
+        return
     bucket = refs[0].bucket
     prefix = source.split("/", 3)[3] if source.startswith("s3://") and source.count("/") >= 3 else None
     _print_rows(settings, output=output, limit=limit, bucket=bucket, key_prefix=prefix)
@@ -299,7 +312,6 @@ def ingest_backfill(
     """Queue the existing objects under a prefix (first load, re-processing after a model upgrade, or
     with --missing-only a periodic reconciliation)."""
     from ingest.backfill import list_objects, queue_objects, waiting_jobs
-    from schema.s3 import parse_s3_url
 
     settings = _settings()
     # A reconciliation while a large backlog drains would queue every waiting object a second time: the
@@ -307,13 +319,13 @@ def ingest_backfill(
     if unless_queued is not None and (waiting := waiting_jobs(settings)) > unless_queued:
         console.print(f"skipped: {waiting} jobs wait on '{settings.queue}' (more than {unless_queued})")
         return
-    bucket, prefix = parse_s3_url(url)
+    bucket, prefix = _s3_url(url)
     before = _parse_time(older_than, "--older-than") if older_than else None
     refs = list_objects(settings, bucket, prefix, images_only=not all_keys, modified_before=before)
     report = queue_objects(settings, refs, missing_only=missing_only)
     console.print(f"queued {report.published} objects from {url} on '{settings.queue}'")
     for reason in report.rejected:
-        console.print(f"[yellow]rejected[/yellow] {reason}")
+        console.print(f"[yellow]rejected[/yellow] {escape(reason)}")
 
 
 @app.command()
@@ -327,7 +339,7 @@ def retry(
     ] = "failed",
     bucket: Annotated[str | None, typer.Option()] = None,
     prefix: Annotated[str | None, typer.Option(help="Key prefix")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many jobs")] = 100_000,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many jobs")] = 100_000,
 ) -> None:
     """Queue the dead-lettered jobs again (the latest row of each image is a failure). Each new outcome
     replaces its failed row; `attempts` counts the tries."""
@@ -338,9 +350,22 @@ def retry(
     found = _query_rows(
         settings, EnrichmentQuery(status=status, bucket=bucket, key_prefix=prefix, limit=limit)
     )
-    refs = [_stored_ref(row) for row in found]
-    report = JobPublisher(settings).publish(refs)
+    # A folder enriched by `enrich run` has its absolute path as the bucket (no S3 bucket name holds a
+    # '/'): a worker could not fetch it, so it is named for a local re-run instead of queued.
+    folders = sorted({row.bucket for row in found if "/" in row.bucket})
+    refs = [_stored_ref(row) for row in found if "/" not in row.bucket]
+    publisher = JobPublisher(settings)
+    try:
+        report = publisher.publish(refs)
+    finally:
+        publisher.close()
     console.print(f"queued {report.published} failed jobs on '{settings.queue}'")
+    for reason in report.rejected:
+        console.print(f"[yellow]rejected[/yellow] {escape(reason)}")
+    for folder in folders:
+        console.print(
+            f"[yellow]not queued[/yellow] failures in the local folder {folder}: `enrich run {folder}`"
+        )
 
 
 def _stored_ref(row: Enrichment) -> ObjectRef:
@@ -484,7 +509,8 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
             "(30s, 15m, 2h, 7d, 1w)",
             param_hint=option,
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # In UTC, as the table holds it: SQLite keeps the wall time alone, so another offset would shift it.
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @app.command()
@@ -509,7 +535,7 @@ def query(
         bool, typer.Option(help="Every (image, model version) row, not only the latest")
     ] = False,
     output: Annotated[OutputFormat, typer.Option("--format")] = OutputFormat.table,
-    limit: int = 100,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
 ) -> None:
     """Filter the enriched table and print it as a table, CSV or JSON lines."""
     equals: dict[str, str] = {}
@@ -577,5 +603,62 @@ def _register_training() -> None:
 
 _register_training()
 
+
+def _s3_url(url: str) -> tuple[str, str]:
+    from schema.s3 import parse_s3_url
+
+    try:
+        return parse_s3_url(url)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="URL") from None
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # an unparsable URL holds no password we could find either
+        return url
+
+
+def _known_failure(error: Exception) -> str | None:
+    """One line for a failure of the surroundings (a database, bucket or broker that is down, missing or
+    misnamed) that the user fixes by configuration; None for anything else, which keeps its traceback."""
+    import redis
+    from botocore.exceptions import BotoCoreError, ClientError
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    if isinstance(error, DBAPIError):
+        cause = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
+        if getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in cause:
+            return f"database: {cause}: run `enrich db upgrade` first"
+        return f"database: {cause}"
+    if isinstance(error, ArgumentError):
+        return f"ENRICH_DATABASE_URL: {error}"
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        return f"S3 {details.get('Code', '?')}: {details.get('Message') or error}"
+    if isinstance(error, BotoCoreError):
+        return f"S3: {error}"
+    if isinstance(error, redis.RedisError | BrokerError):
+        return f"broker: {error}"
+    return None
+
+
+def main() -> None:
+    """The `enrich` command: the surroundings' failures end in one line and exit status 2."""
+    try:
+        app()
+    except Exception as error:
+        message = _known_failure(error)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -225,4 +225,4 @@ def test_dockerfile_entrypoints_run_the_enrich_script() -> None:
     import tomllib
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["enrich"] == "enrich.cli:app"
+    assert scripts["enrich"] == "enrich.cli:main"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -142,14 +143,19 @@ class LocalStore:
         path = self._path(ref)
         try:
             stat = path.stat()
+            # A FIFO or a device named like a photo would block the read (or never end): refuse it.
+            if not S_ISREG(stat.st_mode):
+                raise FetchError(f"not a regular file: {path}", transient=False)
+            if ref.etag and local_etag(stat) != ref.etag:
+                raise FetchError(f"{path} changed since it was listed", transient=False)
             if stat.st_size > max_bytes:
                 raise LimitError(f"file is {stat.st_size} bytes, over the limit of {max_bytes}")
             data = path.read_bytes()
         except FileNotFoundError:
             raise FetchError(f"no such file: {path}", transient=False) from None
-        except IsADirectoryError:
-            raise FetchError(f"not a file: {path}", transient=False) from None
         except PermissionError as error:
+            raise FetchError(f"cannot read {path}: {error}", transient=False) from None
+        except OSError as error:
             raise FetchError(f"cannot read {path}: {error}", transient=False) from None
         modified = datetime.fromtimestamp(stat.st_mtime, tz=UTC)
         return FetchedObject(data=data, size=len(data), last_modified=modified)
@@ -161,7 +167,13 @@ class LocalStore:
                 key = path.relative_to(self.root).as_posix()
                 if not key.lower().endswith(IMAGE_SUFFIXES) or not key.startswith(prefix):
                     continue
-                stat = path.stat()
+                try:
+                    stat = path.stat()
+                except OSError:
+                    # A dangling link: listed without a version, so get() records why it cannot be read
+                    # instead of one missing file ending the whole run.
+                    yield ObjectRef(bucket=self.bucket, key=key)
+                    continue
                 yield ObjectRef(bucket=self.bucket, key=key, etag=local_etag(stat), size=stat.st_size)
 
 
