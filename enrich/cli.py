@@ -127,7 +127,6 @@ def run(
         raise typer.Exit(1)
     upgrade(settings.database_url)
     counts: dict[str, int] = {}
-    errors = Console(stderr=True)
     with Progress(
         TextColumn("[bold]enrich[/bold]"),
         BarColumn(),
@@ -148,7 +147,7 @@ def run(
             progress.advance(task)
 
         run_local(settings, store=store, refs=refs, on_done=on_done)
-    errors.print(
+    Console(stderr=True).print(
         f"{len(refs)} images -> {_safe_url(settings.database_url)}: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )

@@ -153,9 +153,7 @@ class LocalStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise FetchError(f"no such file: {path}", transient=False) from None
-        except PermissionError as error:
-            raise FetchError(f"cannot read {path}: {error}", transient=False) from None
-        except OSError as error:
+        except OSError as error:  # permissions, a directory, an I/O error: none goes away on retry
             raise FetchError(f"cannot read {path}: {error}", transient=False) from None
         modified = datetime.fromtimestamp(stat.st_mtime, tz=UTC)
         return FetchedObject(data=data, size=len(data), last_modified=modified)
