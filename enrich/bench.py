@@ -13,6 +13,7 @@ and a naive baseline: the same stack with one image per task and one forward pas
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,11 +22,12 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
+import torch
 import urllib3
 from pydantic import SecretStr
 from sqlalchemy import Engine, func, select
@@ -59,6 +61,11 @@ from worker.storage import LocalStore, S3Store
 # The stages a worker cannot run faster than: its S3 GETs (fetch threads against the S3 server in use),
 # decoding (its process pool) and the model (forward passes on pre-decoded batches).
 CEILINGS = ("fetch", "decode", "model")
+# A row wait gives up once no new row has arrived for this long: a worker that stopped writing (a stuck
+# batch, a retry loop) ends the phase with what it measured, instead of hanging the device call.
+ROW_WAIT_STALL_S = 120.0
+# The latency phase's uploads must keep up with the offered rate, or its percentiles describe a lighter load.
+ACHIEVED_SHARE = 0.95
 
 
 def unique_bytes(blob: bytes, key: str) -> bytes:
@@ -66,6 +73,76 @@ def unique_bytes(blob: bytes, key: str) -> bytes:
     bytes once, and the runs of one bench upload the same photos again (and cycle them when asked for more
     images than there are), so without this a later run would measure reused rows, not work."""
     return blob + b"\x00enrich-bench:" + key.encode()
+
+
+def cycled(blobs: list[bytes], n: int) -> list[bytes]:
+    return [blobs[i % len(blobs)] for i in range(n)]
+
+
+def statuses_text(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{status} {count}" for status, count in sorted(statuses.items())) or "no rows"
+
+
+class RowsMissing(RuntimeError):
+    """A phase's rows did not all arrive: its worker exited, or none came for ROW_WAIT_STALL_S. Carries what
+    had arrived, so the report keeps a (partial, invalid) figure instead of losing the set."""
+
+    def __init__(self, reason: str, *, done: int, expected: int, elapsed_s: float, statuses: dict[str, int]):
+        super().__init__(
+            f"{reason}: {done} of {expected} rows after {elapsed_s:.0f} s ({statuses_text(statuses)})"
+        )
+        self.done, self.expected, self.elapsed_s, self.statuses = done, expected, elapsed_s, statuses
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class GpuMemorySampler:
+    """Peak GPU memory by nvidia-smi (per process, so it sees what torch reserves and the CUDA context,
+    which the worker's own max_memory_allocated does not) while a phase runs; nothing without nvidia-smi."""
+
+    def __init__(self, pids: list[int], *, every_s: float = 0.5) -> None:
+        self.pids, self.every_s = set(pids), every_s
+        self.peak_workers_mib = self.peak_all_mib = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._run, name="gpu-memory", daemon=True)
+
+    def __enter__(self) -> GpuMemorySampler:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _sample(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        try:
+            text = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        used = {}
+        for line in text.splitlines():
+            pid, _, mib = line.partition(",")
+            if pid.strip().isdigit() and mib.strip().isdigit():
+                used[int(pid)] = float(mib)
+        # In a container nvidia-smi may show the host's pids, matching none of ours: the total still counts.
+        self.peak_workers_mib = max(self.peak_workers_mib, sum(v for p, v in used.items() if p in self.pids))
+        self.peak_all_mib = max(self.peak_all_mib, sum(used.values()))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    @property
+    def available(self) -> bool:
+        return self._thread is not None
 
 
 @dataclass
@@ -78,10 +155,15 @@ class BenchReport:
     s3_server: str = "moto"
     rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
     latency_ms: dict[str, float] = field(default_factory=dict)
+    offered_rate: dict[str, float] = field(default_factory=dict)  # (d)'s target and achieved images/s
     memory: dict[str, float] = field(default_factory=dict)  # MiB
     worker_cpu_ms: float | None = None  # the worker processes' own CPU per image during (c)
     machine_cpu_ms: float | None = None  # every process's CPU per image during (c)
     cpu_ms_by_group: dict[str, float] = field(default_factory=dict)  # the same, by kind of process
+    statuses: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> row status -> rows
+    mean_batch: dict[str, float] = field(default_factory=dict)  # phase -> images per forward pass
+    warmup_s: dict[str, float] = field(default_factory=dict)  # phase -> its worker's untimed warm-up round
+    invalid: dict[str, str] = field(default_factory=dict)  # figure -> why it does not measure what it says
 
     @property
     def cores(self) -> int:
@@ -90,8 +172,13 @@ class BenchReport:
     @property
     def limits(self) -> dict[str, float]:
         """What (c) cannot exceed: each stage's ceiling, and the machine's cores at (c)'s CPU per image
-        (every process on the machine shares them: S3 server, Redis, Postgres, worker, decoding)."""
+        (every process on the machine shares them: S3 server, Redis, Postgres, worker, decoding). The fetch
+        ceiling is one worker process's; (c) runs `worker_processes` of them, so it counts that many times
+        (an upper bound: it assumes the S3 server scales). Model and decode are not scaled: the processes
+        share one device and one machine's cores."""
         limits = {name: self.rates[name] for name in CEILINGS if name in self.rates}
+        if "fetch" in limits and self.worker_processes > 1:
+            limits[f"fetch x {self.worker_processes}"] = limits.pop("fetch") * self.worker_processes
         if self.machine_cpu_ms:
             limits["machine CPU"] = self.cores * 1000 / self.machine_cpu_ms
         return limits
@@ -108,6 +195,18 @@ class BenchReport:
             return None
         return self.rates["end_to_end"] / min(self.rates["model"], self.rates["decode"])
 
+    @property
+    def valid(self) -> bool:
+        return not self.invalid
+
+    def _rate_name(self, name: str) -> str:
+        labels = {
+            "fetch": "fetch (one worker process's fetching processes)",
+            "decode": "decode (one process's decoding pool)",
+            "model": "model (one process, pre-decoded batches)",
+        }
+        return labels.get(name, name)
+
     def lines(self) -> list[str]:
         head = (
             f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}, S3 {self.s3_server}"
@@ -115,7 +214,10 @@ class BenchReport:
         if self.worker_processes > 1:
             head += f", {self.worker_processes} worker processes"
         rows = [f"| {head} | |", "|---|---|"]
-        rows += [f"| {name} | {rate:,.1f} images/s |" for name, rate in self.rates.items()]
+        rows += [f"| **INVALID: {name}** | **{why}** |" for name, why in self.invalid.items()]
+        for name, rate in self.rates.items():
+            mark = " **INVALID**" if name in self.invalid else ""
+            rows.append(f"| {self._rate_name(name)} | {rate:,.1f} images/s{mark} |")
         if self.efficiency is not None:
             rows.append(f"| end_to_end / min(model, decode) | {self.efficiency:.0%} |")
             limit = self.limits[self.bound]
@@ -124,8 +226,10 @@ class BenchReport:
                 f"| tightest limit | {self.bound}: {limit:,.0f} images/s (end_to_end reaches {share:.0%}) |"
             )
         if self.worker_cpu_ms is not None:
-            cap = f"one core's worth: <= {1000 / self.worker_cpu_ms:,.0f} images/s"
-            rows.append(f"| worker processes' CPU per image | {self.worker_cpu_ms:.2f} ms ({cap}) |")
+            n = self.worker_processes
+            cap = f"{n} process{'es' if n > 1 else ''} at one core each: "
+            cap += f"<= {n * 1000 / self.worker_cpu_ms:,.0f}"
+            rows.append(f"| worker processes' CPU per image | {self.worker_cpu_ms:.2f} ms ({cap} images/s) |")
         if self.machine_cpu_ms is not None:
             cap = f"{self.cores} cores: <= {self.cores * 1000 / self.machine_cpu_ms:,.0f} images/s"
             rows.append(
@@ -136,13 +240,32 @@ class BenchReport:
             rows.append("| ... by process | " + ", ".join(f"{name} {ms:.2f}" for name, ms in parts) + " ms |")
         if "naive" in self.rates and "end_to_end" in self.rates:
             speedup = self.rates["end_to_end"] / self.rates["naive"]
-            rows.append(f"| speed-up over naive | {speedup:.1f}x |")
-        latency = dict(self.latency_ms)
-        if (offered := latency.pop("offered_rate", None)) is not None:
-            rows.append(f"| offered load for latency | {offered:,.1f} images/s |")
-        rows += [f"| upload-to-row latency {name} | {value:,.0f} ms |" for name, value in latency.items()]
+            mark = " **INVALID**" if {"naive", "end_to_end"} & set(self.invalid) else ""
+            rows.append(f"| speed-up over naive | {speedup:.1f}x{mark} |")
+        rows += [f"| rows by status: {phase} | {statuses_text(s)} |" for phase, s in self.statuses.items()]
+        rows += [
+            f"| mean batch: {phase} | {size:.1f} images per forward pass |"
+            for phase, size in self.mean_batch.items()
+        ]
+        rows += [f"| untimed warm-up: {phase} | {s:.1f} s |" for phase, s in self.warmup_s.items()]
+        if self.offered_rate:
+            target, achieved = self.offered_rate["target"], self.offered_rate["achieved"]
+            rows.append(
+                f"| offered load for latency | {achieved:,.1f} images/s achieved (target {target:,.1f}) |"
+            )
+        mark = " **INVALID**" if "latency" in self.invalid else ""
+        rows += [f"| upload-to-row latency {k} | {v:,.0f} ms{mark} |" for k, v in self.latency_ms.items()]
         rows += [f"| {name} | {value:,.0f} MiB |" for name, value in self.memory.items()]
         return rows
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self) | {
+            "limits": self.limits,
+            "bound": self.bound,
+            "efficiency": self.efficiency,
+            "valid": self.valid,
+            "cores": self.cores,
+        }
 
 
 @dataclass
@@ -154,6 +277,10 @@ class EndToEndRun:
     machine_cpu_ms: float
     cpu_ms_by_group: dict[str, float]
     worker: WorkerProcess
+    statuses: dict[str, int] = field(default_factory=dict)
+    mean_batch: float | None = None  # images per forward pass in the timed window
+    warmup_s: float = 0.0
+    gpu_memory: GpuMemorySampler | None = None
 
 
 class Stack:
@@ -191,14 +318,53 @@ class Stack:
         with ThreadPoolExecutor(8) as pool:
             return list(pool.map(put, enumerate(blobs)))
 
-    def rows_under(self, prefix: str) -> int:
+    def status_counts(self, prefix: str) -> dict[str, int]:
+        """Rows under the prefix by status: a failed row is a row, but not throughput."""
         with self.engine.connect() as conn:
-            count = conn.scalar(
-                select(func.count()).where(
-                    Enrichment.bucket == self.bucket, Enrichment.key.startswith(prefix + "/")
-                )
+            query = (
+                select(Enrichment.status, func.count())
+                .where(Enrichment.bucket == self.bucket, Enrichment.key.startswith(prefix + "/"))
+                .group_by(Enrichment.status)
             )
-        return int(count or 0)
+            return {status: int(count) for status, count in conn.execute(query)}
+
+    def wait_rows(
+        self,
+        prefix: str,
+        expected: int,
+        worker: WorkerProcess,
+        *,
+        phase: str,
+        stall_s: float = ROW_WAIT_STALL_S,
+    ) -> dict[str, int]:
+        """Until `expected` rows (of any status) are under the prefix; their statuses. RowsMissing if the
+        worker exits or no new row arrives for `stall_s`."""
+        started = last_change = time.perf_counter()
+        done = 0
+        while True:
+            statuses = self.status_counts(prefix)
+            now = time.perf_counter()
+            if (total := sum(statuses.values())) >= expected:
+                return statuses
+            if total > done:
+                done, last_change = total, now
+            reason = None
+            if (code := worker.exited()) is not None:
+                reason = f"{phase}: worker exited with {code}"
+            elif now - last_change > stall_s:
+                reason = f"{phase}: no new row for {stall_s:.0f} s"
+            if reason is not None:
+                raise RowsMissing(
+                    reason, done=total, expected=expected, elapsed_s=now - started, statuses=statuses
+                )
+            time.sleep(0.05)
+
+    def mean_batch_since(self, worker: WorkerProcess, before: tuple[float, float]) -> float | None:
+        """Images per forward pass since `before` (the worker's batch-size histogram's sum and count)."""
+        total, passes = batch_totals(worker)
+        if not passes - before[1] > 0:  # NaN-safe: a worker whose metrics did not answer
+            return None
+        return (total - before[0]) / (passes - before[1])
 
     def fetch_ceiling(self, blobs: list[bytes], model: Model) -> float:
         """GETs/s through one worker process's fetching processes (its S3 client, `fetch_threads` of them)
@@ -263,67 +429,190 @@ class Stack:
         worker.wait_ready()
         return worker
 
-    def end_to_end(self, blobs: list[bytes], *worker_args: str, processes: int = 1) -> EndToEndRun:
-        """From the first publish to the last committed row; the worker is left running."""
-        prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
-        refs = self.upload(prefix, blobs)
-        worker = self.start_worker(queue, processes, *worker_args)
-        publisher = JobPublisher(self.settings.model_copy(update={"queue": queue}))
-        cpu_before, busy_before, by_process = worker.cpu_seconds(), machine_busy_seconds(), cpu_by_process()
+    def warm_up(self, worker: WorkerProcess, refs: list[ObjectRef], prefix: str) -> float:
+        """An untimed round through a fresh worker, so that the timed one measures a warm stack and not each
+        process's cold start (the first CUDA passes, cuDNN plans, allocator growth, S3 and database
+        connections); seconds it took."""
         started = time.perf_counter()
-        publisher.publish(refs)
-        while self.rows_under(prefix) < len(refs):
-            if (code := worker.exited()) is not None:
-                raise RuntimeError(f"worker exited with {code}")
-            time.sleep(0.05)
+        JobPublisher(worker.settings).publish(refs)
+        self.wait_rows(prefix, len(refs), worker, phase="warm-up")
+        return time.perf_counter() - started
+
+    def end_to_end(
+        self, blobs: list[bytes], *worker_args: str, processes: int = 1, batch_size: int | None = None
+    ) -> EndToEndRun:
+        """From the first publish to the last committed row, after an untimed warm-up round of about two
+        batches per worker process (`batch_size`: the worker's, when its arguments change it); the worker is
+        left running. RowsMissing (the worker stopped) if the rows do not all arrive."""
+        prefix, queue = f"e2e-{uuid.uuid4().hex[:6]}", f"bench-{uuid.uuid4().hex[:8]}"
+        warm_prefix = f"warm-{uuid.uuid4().hex[:6]}"
+        batch = batch_size or self.settings.batch_size
+        refs = self.upload(prefix, blobs)
+        warm_refs = self.upload(warm_prefix, cycled(blobs, max(8, 2 * batch * processes)))
+        worker = self.start_worker(queue, processes, *worker_args)
+        try:
+            warmup_s = self.warm_up(worker, warm_refs, warm_prefix)
+            publisher = JobPublisher(worker.settings)
+            cpu_before, busy_before = worker.cpu_seconds(), machine_busy_seconds()
+            by_process = cpu_by_process()
+            batches_before = batch_totals(worker)
+            with GpuMemorySampler(worker.worker_pids()) as gpu:
+                started = time.perf_counter()
+                publisher.publish(refs)
+                statuses = self.wait_rows(prefix, len(refs), worker, phase="timed round")
+                seconds = time.perf_counter() - started
+        except BaseException:
+            worker.stop()
+            raise
         return EndToEndRun(
-            rate=len(refs) / (time.perf_counter() - started),
+            rate=len(refs) / seconds,
             worker_cpu_ms=(worker.cpu_seconds() - cpu_before) * 1000 / len(refs),
             machine_cpu_ms=(machine_busy_seconds() - busy_before) * 1000 / len(refs),
             cpu_ms_by_group={
                 group: seconds * 1000 / len(refs) for group, seconds in cpu_by_group_since(by_process).items()
             },
             worker=worker,
+            statuses=statuses,
+            mean_batch=self.mean_batch_since(worker, batches_before),
+            warmup_s=warmup_s,
+            gpu_memory=gpu if gpu.available else None,
         )
 
-    def latency(self, worker: WorkerProcess, blobs: list[bytes], *, rate: float) -> dict[str, float]:
-        """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event)."""
+    def latency(
+        self, worker: WorkerProcess, blobs: list[bytes], *, rate: float
+    ) -> tuple[dict[str, float], float, dict[str, int]]:
+        """Upload-to-row latency with uploads offered at `rate`/s (each followed by its event): percentiles,
+        the rate the uploads achieved, and the rows' statuses. Each image's latency starts at its scheduled
+        moment, not when a thread got round to it, so uploads queued behind slow ones count their wait."""
         prefix = f"lat-{uuid.uuid4().hex[:6]}"
-        publisher = JobPublisher(self.settings.model_copy(update={"queue": worker.settings.queue}))
-        uploaded: dict[str, float] = {}
+        publisher = JobPublisher(worker.settings)
+        published: list[float] = []
         lock = threading.Lock()
 
         def upload_and_notify(index: int) -> None:
             key = f"{prefix}/{index:07d}.jpg"
-            moment = time.time()
             body = unique_bytes(blobs[index], key)
             etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)["ETag"].strip('"')
             publisher.publish([ObjectRef(self.bucket, key, etag=etag)])
             with lock:
-                uploaded[key] = moment
+                published.append(time.perf_counter())
 
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         with ThreadPoolExecutor(16) as pool:
+            futures = []
             for index in range(len(blobs)):
                 delay = started + index / rate - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-                pool.submit(upload_and_notify, index)
-        while self.rows_under(prefix) < len(blobs):
-            time.sleep(0.05)
+                futures.append(pool.submit(upload_and_notify, index))
+            for future in futures:
+                future.result()  # a failed upload raises here, not as a row wait that stalls
+        # n events offered at `rate` span (n - 1) / rate from the first to the last.
+        span = max(published) - min(published)
+        achieved = (len(published) - 1) / span if len(published) > 1 and span > 0 else rate
+        statuses = self.wait_rows(prefix, len(blobs), worker, phase="latency")
         with self.engine.connect() as conn:
             query = select(Enrichment.key, Enrichment.created_at).where(
                 Enrichment.bucket == self.bucket, Enrichment.key.startswith(prefix + "/")
             )
             written = {key: created for key, created in conn.execute(query)}
-        latencies = sorted((written[key].timestamp() - moment) * 1000 for key, moment in uploaded.items())
+        latencies = sorted(
+            (created.timestamp() - (wall_started + int(key.rsplit("/", 1)[1].removesuffix(".jpg")) / rate))
+            * 1000
+            for key, created in written.items()
+        )
         cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-        return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "offered_rate": rate}
+        return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98]}, achieved, statuses
 
     def close(self) -> None:
         self.engine.dispose()
         if self._stop_server is not None:
             self._stop_server()
+
+
+def batch_totals(worker: WorkerProcess) -> tuple[float, float]:
+    """The worker's batch-size histogram so far: images forwarded and forward passes (NaN until it serves)."""
+    return worker.metric("enrich_batch_size_sum"), worker.metric("enrich_batch_size_count")
+
+
+def _invalidate(report: BenchReport, figure: str, why: str, say: Callable[[str], None]) -> None:
+    report.invalid[figure] = why
+    say(f"!!! INVALID {figure}: {why} !!!")
+
+
+def _check_rows(
+    report: BenchReport, phase: str, statuses: dict[str, int], say: Callable[[str], None]
+) -> None:
+    """Record a phase's rows by status; its figure counts only if every row is ok (a failed row is quick)."""
+    report.statuses[phase] = statuses
+    say(f"    rows by status ({phase}): {statuses_text(statuses)}")
+    failed = sum(count for status, count in statuses.items() if status != "ok")
+    if failed:
+        _invalidate(report, phase, f"{failed} of {sum(statuses.values())} rows not ok", say)
+
+
+def _missing(report: BenchReport, figure: str, missing: RowsMissing, say: Callable[[str], None]) -> None:
+    """A phase that stopped short: its rate so far, marked invalid, so the set's other figures survive."""
+    report.statuses[figure] = missing.statuses
+    if figure in ("end_to_end", "naive"):
+        report.rates[figure] = missing.rate
+    _invalidate(report, figure, str(missing), say)
+
+
+def _record_end_to_end(report: BenchReport, run: EndToEndRun, say: Callable[[str], None]) -> None:
+    report.rates["end_to_end"] = run.rate
+    report.worker_cpu_ms, report.machine_cpu_ms = run.worker_cpu_ms, run.machine_cpu_ms
+    report.cpu_ms_by_group = run.cpu_ms_by_group
+    report.warmup_s["end_to_end"] = run.warmup_s
+    if run.mean_batch is not None:
+        report.mean_batch["end_to_end"] = run.mean_batch
+    batch = f", mean batch {run.mean_batch:.1f}" if run.mean_batch is not None else ""
+    say(
+        f"(c) end to end: {run.rate:,.1f} images/s (after a {run.warmup_s:.1f} s untimed warm-up{batch}); "
+        f"CPU per image: worker processes {run.worker_cpu_ms:.2f} ms, "
+        f"whole machine {run.machine_cpu_ms:.2f} ms"
+    )
+    _check_rows(report, "end_to_end", run.statuses, say)
+    if run.gpu_memory is not None:
+        if run.gpu_memory.peak_workers_mib:
+            report.memory["worker processes' peak GPU memory in (c) (nvidia-smi)"] = (
+                run.gpu_memory.peak_workers_mib
+            )
+        report.memory["every process's peak GPU memory in (c) (nvidia-smi)"] = run.gpu_memory.peak_all_mib
+
+
+def _latency(
+    report: BenchReport, stack: Stack, run: EndToEndRun, blobs: list[bytes], say: Callable[[str], None]
+) -> None:
+    target = max(run.rate / 2, 1.0)
+    try:
+        report.latency_ms, achieved, statuses = stack.latency(run.worker, blobs, rate=target)
+    except RowsMissing as missing:
+        _missing(report, "latency", missing, say)
+        return
+    report.offered_rate = {"target": target, "achieved": achieved}
+    say(
+        f"(d) latency at {achieved:,.1f} images/s (target {target:,.1f}): "
+        + ", ".join(f"{k} {v:,.0f} ms" for k, v in report.latency_ms.items())
+    )
+    _check_rows(report, "latency", statuses, say)
+    if achieved < ACHIEVED_SHARE * target:
+        why = f"uploads reached {achieved:,.1f} images/s, "
+        why += f"under {ACHIEVED_SHARE:.0%} of the {target:,.1f} target"
+        _invalidate(report, "latency", why, say)
+
+
+def _naive(report: BenchReport, stack: Stack, blobs: list[bytes], say: Callable[[str], None]) -> None:
+    try:
+        naive = stack.end_to_end(blobs, "--batch-size", "1", "--concurrency", "1", batch_size=1)
+    except RowsMissing as missing:
+        _missing(report, "naive", missing, say)
+        return
+    naive.worker.stop()
+    report.rates["naive"] = naive.rate
+    report.warmup_s["naive"] = naive.warmup_s
+    say(f"naive baseline (one image per task and per forward pass): {naive.rate:,.1f} images/s")
+    _check_rows(report, "naive", naive.statuses, say)
 
 
 def run_bench(
@@ -356,10 +645,15 @@ def run_bench(
     report.rates["decode"] = rate
     processes = settings.effective_decode_processes
     how = f"{processes} processes" if processes else f"{settings.fetch_threads} threads"
-    say(f"(b) decode ceiling: {rate:,.1f} images/s ({how})")
+    say(f"(b) decode ceiling: {rate:,.1f} images/s (one process's decoding pool: {how})")
     report.rates["model"] = model_ceiling(model, tensors, batch_size=settings.batch_size)
-    say(f"(a) model ceiling: {report.rates['model']:,.1f} images/s")
+    say(f"(a) model ceiling: {report.rates['model']:,.1f} images/s (one process, pre-decoded batches)")
     del tensors
+    if device.startswith("cuda") and torch.cuda.is_available():
+        # What the allocator kept for the model ceiling's batches (it reserves more than it allocates).
+        report.memory["bench process's peak GPU memory reserved (a)"] = (
+            torch.cuda.max_memory_reserved() / 2**20
+        )
     if not end_to_end:
         return report
     stack = Stack(settings, s3_endpoint, s3_server=s3_server)
@@ -368,48 +662,43 @@ def run_bench(
         report.rates["fetch"] = stack.fetch_ceiling(blobs, model)
         say(
             f"(s) fetch ceiling: {report.rates['fetch']:,.1f} images/s "
-            f"(one worker process's {settings.fetch_threads} fetching processes, S3 {stack.s3_server})"
+            f"(one worker process's {settings.fetch_threads} fetching processes, S3 {stack.s3_server}; "
+            f"(c) runs {worker_processes} such)"
         )
         report.rates["ingest"] = stack.ingest_ceiling(len(blobs))
         say(
             f"(i) ingest ceiling: {report.rates['ingest']:,.1f} events/s "
             "(one `enrich ingest webhook` process, MinIO-style POSTs)"
         )
-        run = stack.end_to_end(blobs, processes=worker_processes)
-        worker = run.worker
-        report.rates["end_to_end"] = run.rate
-        report.worker_cpu_ms, report.machine_cpu_ms = run.worker_cpu_ms, run.machine_cpu_ms
-        report.cpu_ms_by_group = run.cpu_ms_by_group
-        say(
-            f"(c) end to end: {run.rate:,.1f} images/s; CPU per image: worker processes "
-            f"{run.worker_cpu_ms:.2f} ms, whole machine {run.machine_cpu_ms:.2f} ms"
-        )
         try:
-            offered = max(run.rate / 2, 1.0)
-            report.latency_ms = stack.latency(worker, blobs[:latency_images], rate=offered)
-            say(
-                f"(d) latency at {offered:,.1f} images/s: "
-                + ", ".join(f"{k} {v:,.0f} ms" for k, v in report.latency_ms.items() if k != "offered_rate")
-            )
-            report.memory["worker peak RSS"] = worker.peak_rss_mib()
-            gpu = worker.metric("enrich_device_memory_peak_bytes")
+            run = stack.end_to_end(blobs, processes=worker_processes)
+        except RowsMissing as missing:
+            # The stack stopped writing: (d) and the naive baseline would wait as long again.
+            _missing(report, "end_to_end", missing, say)
+            return report
+        _record_end_to_end(report, run, say)
+        try:
+            _latency(report, stack, run, blobs[:latency_images], say)
+            report.memory["worker peak RSS"] = run.worker.peak_rss_mib()
+            gpu = run.worker.metric("enrich_device_memory_peak_bytes")
             if gpu == gpu and gpu > 0:  # NaN-safe
-                report.memory["worker peak GPU memory"] = gpu / 2**20
+                report.memory["worker peak GPU memory allocated"] = gpu / 2**20
         finally:
-            worker.stop()
+            run.worker.stop()
         if naive_images:
-            naive = stack.end_to_end(blobs[:naive_images], "--batch-size", "1", "--concurrency", "1")
-            naive.worker.stop()
-            report.rates["naive"] = naive.rate
-            say(f"naive baseline (one image per task and per forward pass): {naive.rate:,.1f} images/s")
+            _naive(report, stack, blobs[:naive_images], say)
     finally:
         stack.close()
     return report
 
 
-def markdown_section(reports: list[BenchReport], command: str) -> str:
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {when}: {machine_description()}", "", f"Command: `{command}`", ""]
+def markdown_section(reports: list[BenchReport], command: str, *, header: bool = True) -> str:
+    """The reports' tables, under a heading naming the machine and command (`header`: the first of a run's
+    sections; later sets of the same run append only their tables)."""
+    lines: list[str] = []
+    if header:
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        lines += [f"## {when}: {machine_description()}", "", f"Command: `{command}`", ""]
     for report in reports:
         lines += [*report.lines(), ""]
     return "\n".join(lines) + "\n"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
+import pytest
 from sqlalchemy import Engine
 
-from enrich.bench import Stack, markdown_section, run_bench
+from enrich.bench import BenchReport, RowsMissing, Stack, markdown_section, run_bench
 from enrich.stack import NanioServer, catalogue_images, cpu_by_process, descendants
 from schema.settings import Settings
 from worker.runtime import load_model
@@ -31,6 +35,15 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
     assert report.latency_ms["p50"] <= report.latency_ms["p95"] <= report.latency_ms["p99"]
     assert report.memory["worker peak RSS"] > 100  # a real process with torch loaded
     assert report.worker_cpu_ms is not None and report.worker_cpu_ms > 0
+    # Every phase's rows are ok, so its figure stands; (c) ran after an untimed warm-up round. Twelve uploads
+    # on a busy machine may fall short of (d)'s offered rate, which marks (d) alone, and says why.
+    assert report.statuses == {"end_to_end": {"ok": 24}, "latency": {"ok": 12}, "naive": {"ok": 8}}
+    assert set(report.invalid) <= {"latency"} and "uploads reached" in report.invalid.get(
+        "latency", "uploads reached"
+    )
+    assert 1 <= report.mean_batch["end_to_end"] <= 8 and report.warmup_s["end_to_end"] > 0
+    assert report.offered_rate["achieved"] > 0 and report.offered_rate["target"] > 0
+    json.dumps(report.to_json())  # what `enrich bench --out` writes beside the Markdown
     section = markdown_section([report], "enrich bench")
     assert "speed-up over naive" in section and "upload-to-row latency p95" in section
     assert "end_to_end / min(model, decode)" in section and "tightest limit" in section
@@ -72,3 +85,25 @@ def test_cpu_of_the_s3_servers_pool_processes_counts_as_the_s3_server() -> None:
         assert {groups[pid][0] for pid in servers} == {"S3 server"}
     finally:
         nanio.stop()
+
+
+def test_a_phase_with_failed_rows_or_too_slow_uploads_is_marked_invalid_in_the_markdown() -> None:
+    report = BenchReport(label="small", images=8, device="cpu", batch_size=4, worker_processes=2)
+    report.rates.update({"fetch": 100.0, "decode": 50.0, "model": 40.0, "end_to_end": 30.0})
+    report.statuses["end_to_end"] = {"ok": 6, "failed_infer": 2}
+    report.invalid["end_to_end"] = "2 of 8 rows not ok"
+    section = markdown_section([report], "enrich bench")
+    assert "**INVALID: end_to_end**" in section and "30.0 images/s **INVALID**" in section
+    assert "rows by status: end_to_end | failed_infer 2, ok 6" in section
+    assert "fetch x 2" in report.limits and report.limits["fetch x 2"] == 200.0  # (c) runs two such processes
+    assert "model (one process" in section and "2 processes at one core each" not in section  # no CPU figure
+
+
+def test_a_row_wait_that_stalls_raises_with_what_arrived() -> None:
+    counts = iter([{"ok": 1}, {"ok": 2}] + [{"ok": 2, "failed_decode": 1}] * 1000)
+    stack = SimpleNamespace(status_counts=lambda _prefix: next(counts))
+    worker = SimpleNamespace(exited=lambda: None)
+    with pytest.raises(RowsMissing) as raised:
+        Stack.wait_rows(stack, "p", 5, worker, phase="timed round", stall_s=0.3)  # type: ignore[arg-type]
+    assert raised.value.done == 3 and raised.value.statuses == {"ok": 2, "failed_decode": 1}
+    assert "timed round: no new row for 0 s: 3 of 5 rows" in str(raised.value) and raised.value.rate > 0
