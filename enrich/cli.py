@@ -446,7 +446,13 @@ def bench(
     s3_server: Annotated[
         S3Server, typer.Option(help="The S3 API server to start here: moto (one process) or nanio (several)")
     ] = S3Server.moto,
-    out: Annotated[Path | None, typer.Option(help="Append the results as Markdown to this file")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Append each set's results as Markdown to this file, and as JSON lines to its .jsonl "
+            "sibling, as soon as the set finishes"
+        ),
+    ] = None,
     worker_processes: Annotated[
         int, typer.Option(help="Worker processes sharing the device in (c) and (d)")
     ] = 1,
@@ -462,30 +468,41 @@ def bench(
     model = load_model(settings)
     on_gpu = str(getattr(model, "device", "cpu")).startswith("cuda")
     count = n or (4096 if on_gpu else 256)
-    reports = []
-    for source in images or ["small", "fullres"]:
+    command = "enrich " + " ".join(sys.argv[1:])
+    # A SIGTERM (`timeout` in scripts/device-bench) unwinds through run_bench's finally blocks, which stop
+    # the worker and the S3 server; the sets already finished are on disk by then.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    for index, source in enumerate(images or ["small", "fullres"]):
         blobs = catalogue_images(count, source)
         console.print(f"[bold]{source}[/bold]: {count} images, batch {settings.batch_size}")
-        reports.append(
-            run_bench(
-                settings,
-                model,
-                blobs,
-                label=source,
-                s3_endpoint=s3_endpoint,
-                end_to_end=end_to_end,
-                naive_images=naive if naive is not None else min(count, 128),
-                latency_images=min(count, 512),
-                say=console.print,
-                worker_processes=worker_processes,
-                s3_server=s3_server.value,
-            )
+        report = run_bench(
+            settings,
+            model,
+            blobs,
+            label=source,
+            s3_endpoint=s3_endpoint,
+            end_to_end=end_to_end,
+            naive_images=naive if naive is not None else min(count, 128),
+            latency_images=min(count, 512),
+            say=console.print,
+            worker_processes=worker_processes,
+            s3_server=s3_server.value,
         )
-    section = markdown_section(reports, "enrich " + " ".join(sys.argv[1:]))
-    console.print(section)
-    if out is not None:
-        with out.open("a") as handle:
-            handle.write(section + "\n")
+        # Each set as soon as it is measured, flushed: a run killed during the next set keeps this one.
+        section = markdown_section([report], command, header=index == 0)
+        console.print(section)
+        if out is not None:
+            import json
+
+            with out.open("a") as handle:
+                handle.write(section + "\n")
+            with out.with_suffix(".jsonl").open("a") as handle:
+                handle.write(json.dumps({"command": command, **report.to_json()}) + "\n")
+        if not report.valid:
+            console.print(
+                f"[bold red]INVALID figures in {source}:[/bold red] "
+                + escape("; ".join(f"{figure}: {why}" for figure, why in report.invalid.items()))
+            )
 
 
 # -- query ----------------------------------------------------------------------------------------------
