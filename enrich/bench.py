@@ -204,20 +204,22 @@ class BenchReport:
             "fetch": "fetch (one worker process's fetching processes)",
             "decode": "decode (one process's decoding pool)",
             "model": "model (one process, pre-decoded batches)",
+            "ingest": "ingest (one webhook process)",
         }
         return labels.get(name, name)
 
     def lines(self) -> list[str]:
-        head = (
-            f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}, S3 {self.s3_server}"
-        )
+        head = f"{self.label}: {self.images} images, {self.device}, batch {self.batch_size}"
+        if {"fetch", "end_to_end"} & set(self.rates):  # a ceilings-only run starts no S3 server
+            head += f", S3 {self.s3_server}"
         if self.worker_processes > 1:
             head += f", {self.worker_processes} worker processes"
         rows = [f"| {head} | |", "|---|---|"]
         rows += [f"| **INVALID: {name}** | **{why}** |" for name, why in self.invalid.items()]
         for name, rate in self.rates.items():
             mark = " **INVALID**" if name in self.invalid else ""
-            rows.append(f"| {self._rate_name(name)} | {rate:,.1f} images/s{mark} |")
+            unit = "events/s" if name == "ingest" else "images/s"
+            rows.append(f"| {self._rate_name(name)} | {rate:,.1f} {unit}{mark} |")
         if self.efficiency is not None:
             rows.append(f"| end_to_end / min(model, decode) | {self.efficiency:.0%} |")
             limit = self.limits[self.bound]
