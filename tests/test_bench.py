@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import Engine
 
-from enrich.bench import BenchReport, RowsMissing, Stack, markdown_section, run_bench
+from enrich.bench import BenchReport, GpuMemorySampler, RowsMissing, Stack, markdown_section, run_bench
 from enrich.stack import NanioServer, catalogue_images, cpu_by_process, descendants
 from schema.settings import Settings
 from worker.runtime import load_model
@@ -107,3 +110,19 @@ def test_a_row_wait_that_stalls_raises_with_what_arrived() -> None:
         Stack.wait_rows(stack, "p", 5, worker, phase="timed round", stall_s=0.3)  # type: ignore[arg-type]
     assert raised.value.done == 3 and raised.value.statuses == {"ok": 2, "failed_decode": 1}
     assert "timed round: no new row for 0 s: 3 of 5 rows" in str(raised.value) and raised.value.rate > 0
+
+
+def test_gpu_memory_is_sampled_from_nvidia_smi_where_there_is_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '123, 4000\\n999, 700\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with GpuMemorySampler([123], every_s=0.05) as sampler:
+        time.sleep(0.3)
+    assert sampler.available and sampler.peak_workers_mib == 4000 and sampler.peak_all_mib == 4700
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    with GpuMemorySampler([123]) as sampler:  # no nvidia-smi (a CPU machine): nothing sampled, no error
+        pass
+    assert not sampler.available and sampler.peak_all_mib == 0
