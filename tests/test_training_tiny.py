@@ -20,6 +20,7 @@ from training.pack import SplitRecipe, open_catalogue
 from training.tensors import decode_images
 from training.trainer import Recipe, TrainResult, train
 from worker.model.bundle import clear_cache, load_bundle
+from worker.model.config import PreprocessConfig
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
 COLOURS = {"Red": (200, 30, 30), "Blue": (30, 60, 200), "Black": (20, 20, 20)}
@@ -72,24 +73,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path
     torch.set_num_threads(2)
     root = make_catalogue(tmp_path_factory.mktemp("catalogue"))
     dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
-    recipe = Recipe(
-        name="tiny",
-        version="0.0.1",
-        input_size=(64, 48),
-        epochs=EPOCHS,
-        batch_size=32,
-        lr=3e-3,
-        warmup_epochs=0.5,
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        d_ff=64,
-        max_tokens=8,
-        min_word_frequency=1,
-        pretrained=False,  # no weights file needed; a random lite0 still learns these shapes
-        drop_path_rate=0.0,
-        weights_dtype="float16",  # exercises the in-place rounding that keeps training and serving equal
-    )
+    recipe = tiny_recipe(EPOCHS)
     out = tmp_path_factory.mktemp("bundle")
     result = train(
         dataset.train,
@@ -103,6 +87,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, Path
         decode_workers=1,
     )
     return result, root
+
+
+def tiny_recipe(epochs: int) -> Recipe:
+    return Recipe(
+        name="tiny",
+        version="0.0.1",
+        input_size=(64, 48),
+        epochs=epochs,
+        batch_size=32,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        d_ff=64,
+        max_tokens=8,
+        min_word_frequency=1,
+        pretrained=False,  # no weights file needed; a random lite0 still learns these shapes
+        drop_path_rate=0.0,
+        weights_dtype="float16",  # exercises the in-place rounding that keeps training and serving equal
+    )
 
 
 def test_loss_falls(trained: tuple[TrainResult, Path]) -> None:
@@ -120,7 +125,7 @@ def test_bundle_round_trip_predicts_like_training(trained: tuple[TrainResult, Pa
     assert model.config.data["split"]["n_val"] == result.evaluation.n_images
     items = {it.id: it for it in read_catalogue(root)[0]}
     val = [items[i] for i in result.evaluation.ids]
-    images = decode_images([str(it.image) for it in val], model.config.preprocessing, workers=1)
+    images = decode_images([str(it.image) for it in val], model.config.preprocessing, workers=1).images
     raw = model.infer(images)
     for f in FIELDS:
         assert torch.allclose(raw.probs[f], result.raw_val.probs[f], atol=1e-5), f
@@ -184,3 +189,61 @@ def test_train_step_on_gpu(tmp_path: Path) -> None:
         dataset.train, dataset.val, dataset.source, recipe, tmp_path / "b", device="cuda", decode_workers=1
     )
     assert result.history and result.evaluation.n_images == len(dataset.val)
+
+
+def _break_images(root: Path, ids: tuple[int, ...]) -> None:
+    """An empty file, a truncated JPEG and a text file, each named as a catalogue photo."""
+    empty, truncated, text = (root / "images" / f"{i}.jpg" for i in ids)
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    text.write_text("<html>404 Not Found</html>")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_undecodable_images_are_dropped_and_named_not_fatal(tmp_path: Path, workers: int) -> None:
+    root = make_catalogue(tmp_path / "catalogue", n=12)
+    _break_images(root, (2, 5, 11))
+    items, _ = read_catalogue(root)
+    decoded = decode_images(
+        [str(it.image) for it in items], PreprocessConfig(input_size=(64, 48)), workers=workers, chunk=4
+    )
+    assert [items[i].id for i in decoded.undecodable] == ["2", "5", "11"]
+    kept, images = decoded.kept(items)
+    assert [it.id for it in kept] == [str(i) for i in range(1, 13) if i not in (2, 5, 11)]
+    assert images.shape[0] == 9 and bool(images.flatten(1).any(1).all())
+
+
+def test_evaluate_skips_undecodable_images_with_the_reason(
+    trained: tuple[TrainResult, Path], tmp_path: Path
+) -> None:
+    result, _ = trained
+    root = make_catalogue(tmp_path / "catalogue", n=20, seed=3)
+    _break_images(root, (1, 2, 3))
+    from training.cli import evaluate_command
+
+    clear_cache()
+    # One such file ended the whole evaluation in a DecodeError.
+    evaluate_command(root, bundle=result.bundle, out=tmp_path / "eval", split="all", decode_workers=1)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n_images"] == 17
+    read = report["meta"]["read"]
+    assert read["skipped"] == {"image undecodable": 3} and read["kept"] == 17
+
+
+def test_training_skips_undecodable_images(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    root = make_catalogue(tmp_path / "catalogue", n=40, seed=4)
+    _break_images(root, (1, 2, 3))
+    dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
+    result = train(
+        dataset.train,
+        dataset.val,
+        dataset.source,
+        tiny_recipe(1),
+        tmp_path / "bundle",
+        device="cpu",
+        decode_workers=1,
+    )
+    # One such file ended the run in a DecodeError after the tokenizer and the labels were built.
+    assert (result.bundle / "config.json").exists()
+    assert not {"1", "2", "3"} & set(result.evaluation.ids)

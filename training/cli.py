@@ -239,13 +239,16 @@ def evaluate_command(
     )
     with progress:
         task = progress.add_task("decode + preprocess", total=len(items))
-        images = decode_images(
+        decoded = decode_images(
             [str(it.image) for it in items],
             model.config.preprocessing,
             workers=decode_workers,
             chunk=64,
             progress=lambda n: progress.advance(task, n),
         )
+        items, images = decoded.kept(items)
+        report.skipped["image undecodable"] += len(decoded.undecodable)
+        report.kept -= len(decoded.undecodable)
         task2 = progress.add_task(f"predict ({model.device})", total=len(items))
         raw = run_model(model, images, batch_size=batch_size, progress=lambda n: progress.advance(task2, n))
     evaluation = score(raw, items, model.config.thresholds)

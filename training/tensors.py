@@ -15,7 +15,7 @@ import torch
 
 from schema.results import DERIVED_FIELDS, HEAD_FIELDS
 from training.data import Item
-from worker.decode import decode_to_input
+from worker.decode import DecodeError, decode_to_input
 from worker.model.config import PreprocessConfig
 from worker.model.tokenizer import TitleCodec
 
@@ -30,24 +30,45 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _decode_chunk(args: tuple[list[Source], PreprocessConfig]) -> np.ndarray:
+def _decode_chunk(args: tuple[list[Source], PreprocessConfig]) -> tuple[np.ndarray, list[int]]:
+    """The chunk's pixels, and the indices of the images that could not be read or decoded (left zero):
+    one empty, truncated or mislabelled file in a catalogue must not end a whole training run."""
     sources, pre = args
     h, w = pre.input_size
-    out = np.empty((len(sources), 3, h, w), dtype=np.uint8)
+    out = np.zeros((len(sources), 3, h, w), dtype=np.uint8)
+    bad = []
     for i, src in enumerate(sources):
-        data = src if isinstance(src, bytes) else Path(src).read_bytes()
-        out[i] = decode_to_input(data, pre=pre, max_pixels=_TRUSTED_MAX_PIXELS).pixels
-    return out
+        try:
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            out[i] = decode_to_input(data, pre=pre, max_pixels=_TRUSTED_MAX_PIXELS).pixels
+        except (DecodeError, OSError):
+            bad.append(i)
+    return out, bad
 
 
-def _decode_into(args: tuple[str, tuple[int, ...], int, list[Source], PreprocessConfig]) -> int:
+def _decode_into(args: tuple[str, tuple[int, ...], int, list[Source], PreprocessConfig]) -> list[int]:
     """Worker: decode a chunk straight into the shared output file (pickling arrays back is slow)."""
     path, shape, start, sources, pre = args
     out = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
-    out[start : start + len(sources)] = _decode_chunk((sources, pre))
+    pixels, bad = _decode_chunk((sources, pre))
+    out[start : start + len(sources)] = pixels
     out.flush()
     del out
-    return len(sources)
+    return [start + i for i in bad]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    images: torch.Tensor  # uint8 N x 3 x H x W; an undecodable image's slot is zero
+    undecodable: list[int]  # indices into the sources
+
+    def kept(self, items: Sequence[Item]) -> tuple[list[Item], torch.Tensor]:
+        """`items` and their images without the undecodable ones."""
+        if not self.undecodable:
+            return list(items), self.images
+        drop = set(self.undecodable)
+        keep = [i for i in range(len(items)) if i not in drop]
+        return [items[i] for i in keep], self.images[keep]
 
 
 def decode_images(
@@ -57,29 +78,34 @@ def decode_images(
     workers: int = 0,
     chunk: int = 256,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+) -> Decoded:
     """Decode + preprocess (the serving function) every image -> uint8 N x 3 x H x W, in worker processes."""
     workers = workers or min(16, os.cpu_count() or 1)
     shape = (len(sources), 3, *pre.input_size)
     if len(sources) == 0:
-        return torch.empty(shape, dtype=torch.uint8)
+        return Decoded(torch.empty(shape, dtype=torch.uint8), [])
     starts = range(0, len(sources), chunk)
+    undecodable: list[int] = []
     if workers <= 1 or len(starts) <= 1:
         arrays = []
         for i in starts:
-            arrays.append(_decode_chunk((list(sources[i : i + chunk]), pre)))
+            pixels, bad = _decode_chunk((list(sources[i : i + chunk]), pre))
+            arrays.append(pixels)
+            undecodable += [i + j for j in bad]
             if progress:
-                progress(len(arrays[-1]))
-        return torch.from_numpy(np.concatenate(arrays))
+                progress(len(pixels))
+        return Decoded(torch.from_numpy(np.concatenate(arrays)), undecodable)
     with tempfile.TemporaryDirectory(prefix="enrich-decode-") as tmp:
         path = str(Path(tmp) / "images.u8")
         np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()
         jobs = [(path, shape, i, list(sources[i : i + chunk]), pre) for i in starts]
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            for done in pool.map(_decode_into, jobs):
+            for job, bad in zip(jobs, pool.map(_decode_into, jobs), strict=True):
+                undecodable += bad
                 if progress:
-                    progress(done)
-        return torch.from_numpy(np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape)))
+                    progress(len(job[3]))
+        images = torch.from_numpy(np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape)))
+        return Decoded(images, undecodable)
 
 
 def build_labels(items: Sequence[Item]) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:

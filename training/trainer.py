@@ -265,19 +265,23 @@ def train(
         total = len(train_items) + len(val_items)
         task = progress.add_task("decode + preprocess", total=total, info="")
         t0 = time.time()
-        tr_images = decode_images(
+        tr_decoded = decode_images(
             [source(it) for it in train_items],
             pre,
             workers=decode_workers,
             progress=lambda n: progress.advance(task, n),
         )
-        va_images = decode_images(
+        va_decoded = decode_images(
             [source(it) for it in val_items],
             pre,
             workers=decode_workers,
             progress=lambda n: progress.advance(task, n),
         )
         progress.update(task, info=f"{total / max(1e-9, time.time() - t0):.0f} images/s")
+    train_items, tr_images = tr_decoded.kept(train_items)
+    val_items, va_images = va_decoded.kept(val_items)
+    if undecodable := len(tr_decoded.undecodable) + len(va_decoded.undecodable):
+        say(f"[yellow]skipped {undecodable} undecodable images[/yellow] (empty, truncated or not an image)")
     tr_targets = build_targets(train_items, labels, codec, recipe.max_tokens)
     va_targets = build_targets(val_items, labels, codec, recipe.max_tokens)
 
