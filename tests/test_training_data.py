@@ -43,6 +43,27 @@ def test_malformed_and_missing(tmp_path: Path) -> None:
     assert "3/7 rows kept" in report.summary()
 
 
+def test_a_spreadsheet_export_stray_quotes_and_latin1_bytes(tmp_path: Path) -> None:
+    lines = [
+        "1,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,Nike Men Blue Tshirt",
+        '2,Women,Apparel,Topwear,Tops,Red,Summer,2012,Casual,"Mango Women Red Top',  # a stray quote
+        "3,Men,Footwear,Shoes,Casual Shoes,Black,Fall,2011,Casual,Puma Men Black Shoes",
+        ",,,,,,,,,",  # a row of empty cells, as spreadsheets leave them
+        '4,Women,Apparel,Topwear,Tops,White,Summer,2012,Casual,"Vero Moda, Women White Top"',
+    ]
+    root = _catalogue(tmp_path, lines, ["1", "2", "3", "4", "5"])
+    text = (root / "styles.csv").read_bytes().replace(b"productDisplayName", b"ProductDisplayName")
+    # The BOM a spreadsheet writes ("no 'id' column"), and one line in Windows-1252, not UTF-8.
+    latin = "5,Women,Apparel,Topwear,Tops,Red,Summer,2012,Casual,Caf\xe9 Women Red Top\n".encode("cp1252")
+    (root / "styles.csv").write_bytes(b"\xef\xbb\xbf" + text + latin)
+    items, report = read_catalogue(root)
+    # The stray quote swallowed every line after it into one title.
+    assert [it.id for it in items] == ["1", "3", "4", "5"]
+    assert items[2].title == "Vero Moda, Women White Top" and items[3].title == "Caf\xe9 Women Red Top"
+    assert report.skipped == {"unbalanced quote": 1, "no values": 1} and report.not_utf8 == 1
+    assert "1 read as Windows-1252" in report.summary()
+
+
 def test_flat_layout(tmp_path: Path) -> None:
     lines = ["10,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,A Tshirt"]
     items, _ = read_catalogue(_catalogue(tmp_path, lines, ["10"], nested=False))

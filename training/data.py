@@ -46,6 +46,7 @@ class ReadReport:
     rows: int = 0  # data lines seen
     kept: int = 0
     repaired: int = 0  # lines with extra commas in the title, joined back
+    not_utf8: int = 0  # lines read as Windows-1252 instead
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> count
     missing_values: Counter[str] = field(default_factory=Counter)  # column -> rows kept without it
 
@@ -53,6 +54,8 @@ class ReadReport:
         parts = [f"{self.kept}/{self.rows} rows kept"]
         if self.repaired:
             parts.append(f"{self.repaired} repaired (commas in the title)")
+        if self.not_utf8:
+            parts.append(f"{self.not_utf8} read as Windows-1252 (not UTF-8)")
         if self.skipped:
             parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()))
         if self.missing_values:
@@ -66,6 +69,7 @@ class ReadReport:
             "rows": self.rows,
             "kept": self.kept,
             "repaired": self.repaired,
+            "not_utf8": self.not_utf8,
             "skipped": dict(self.skipped),
             "missing_values": dict(self.missing_values),
         }
@@ -81,55 +85,76 @@ def _clean(value: str) -> str | None:
     return value if value and value.upper() not in {"NA", "NAN", "NULL"} else None
 
 
+def _text_lines(path: Path, report: ReadReport) -> list[str]:
+    """The file's lines as text: UTF-8 (a BOM dropped), else the line read as Windows-1252 and counted."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines()):
+        try:
+            lines.append(raw.decode("utf-8-sig" if number == 0 else "utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("cp1252", errors="replace"))
+            if number:
+                report.not_utf8 += 1
+    return lines
+
+
 def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[Item], ReadReport]:
     """All usable rows of DATA_DIR/styles.csv, and a report of what was repaired or skipped and why."""
     report = ReadReport()
     items: list[Item] = []
     seen: set[str] = set()
-    with (data_dir / "styles.csv").open(newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader)]
-        col = {name: header.index(name) for name in COLUMNS if name in header}
-        if "id" not in col:
-            raise ValueError(f"{data_dir / 'styles.csv'} has no 'id' column")
-        for raw in reader:
-            if not raw or not any(x.strip() for x in raw):
-                continue
-            report.rows += 1
-            if len(raw) < len(header):
-                report.skipped["too few columns"] += 1
-                continue
-            if len(raw) > len(header):
-                # Only the title is free text: the extra fields belong to it.
-                title_at = col.get(TITLE, len(header) - 1)
-                extra = len(raw) - len(header)
-                raw = [
-                    *raw[:title_at],
-                    ",".join(raw[title_at : title_at + extra + 1]),
-                    *raw[title_at + extra + 1 :],
-                ]
-                report.repaired += 1
-            item_id = raw[col["id"]].strip()
-            if not item_id.isdigit():
-                report.skipped["bad id"] += 1
-                continue
-            if item_id in seen:
-                report.skipped["duplicate id"] += 1
-                continue
-            path = image_path(data_dir, item_id)
-            if check_images and not path.exists():
-                report.skipped["image missing"] += 1
-                continue
-            labels: dict[str, str | None] = {}
-            for f in FIELDS:
-                labels[f] = _clean(raw[col[f]]) if f in col else None
-                if labels[f] is None:
-                    report.missing_values[f] += 1
-            title = _clean(raw[col[TITLE]]) if TITLE in col else None
-            if title is None:
-                report.missing_values[TITLE] += 1
-            seen.add(item_id)
-            items.append(Item(id=item_id, image=path, labels=labels, title=title))
+    lines = iter(_text_lines(data_dir / "styles.csv", report))
+    # A spreadsheet's export starts with a BOM and may change the headers' case.
+    header = [h.strip().lower() for h in next(csv.reader([next(lines, "")]))]
+    col = {name: header.index(name.lower()) for name in COLUMNS if name.lower() in header}
+    if "id" not in col:
+        raise ValueError(f"{data_dir / 'styles.csv'} has no 'id' column")
+    # One physical line is one row: a stray quote must not swallow the lines after it.
+    for line in lines:
+        if not line.strip():
+            continue
+        report.rows += 1
+        if line.count('"') % 2:
+            report.skipped["unbalanced quote"] += 1
+            continue
+        raw = next(csv.reader([line]))
+        if not any(x.strip() for x in raw):
+            report.skipped["no values"] += 1
+            continue
+        if len(raw) < len(header):
+            report.skipped["too few columns"] += 1
+            continue
+        if len(raw) > len(header):
+            # Only the title is free text: the extra fields belong to it.
+            title_at = col.get(TITLE, len(header) - 1)
+            extra = len(raw) - len(header)
+            raw = [
+                *raw[:title_at],
+                ",".join(raw[title_at : title_at + extra + 1]),
+                *raw[title_at + extra + 1 :],
+            ]
+            report.repaired += 1
+        item_id = raw[col["id"]].strip()
+        if not item_id.isdigit():
+            report.skipped["bad id"] += 1
+            continue
+        if item_id in seen:
+            report.skipped["duplicate id"] += 1
+            continue
+        path = image_path(data_dir, item_id)
+        if check_images and not path.exists():
+            report.skipped["image missing"] += 1
+            continue
+        labels: dict[str, str | None] = {}
+        for f in FIELDS:
+            labels[f] = _clean(raw[col[f]]) if f in col else None
+            if labels[f] is None:
+                report.missing_values[f] += 1
+        title = _clean(raw[col[TITLE]]) if TITLE in col else None
+        if title is None:
+            report.missing_values[TITLE] += 1
+        seen.add(item_id)
+        items.append(Item(id=item_id, image=path, labels=labels, title=title))
     report.kept = len(items)
     return items, report
 
