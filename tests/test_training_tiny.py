@@ -247,3 +247,24 @@ def test_training_skips_undecodable_images(tmp_path: Path) -> None:
     # One such file ended the run in a DecodeError after the tokenizer and the labels were built.
     assert (result.bundle / "config.json").exists()
     assert not {"1", "2", "3"} & set(result.evaluation.ids)
+
+
+def test_evaluate_and_train_on_a_catalogue_without_images_say_so(random_bundle: Path, tmp_path: Path) -> None:
+    root = make_catalogue(tmp_path / "catalogue", n=6)
+    for path in (root / "images").iterdir():
+        path.unlink()
+    from schema.settings import Settings
+    from tests.conftest import enrich_cli
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'x.db'}", model_bundle=random_bundle, device="cpu"
+    )
+    for args in (
+        ["evaluate", str(root), "--bundle", str(random_bundle), "--out", str(tmp_path / "eval")],
+        ["train", str(root), "--out", str(tmp_path / "bundle"), "--epochs", "1", "--no-pretrained"],
+    ):
+        # evaluate ended in a ValueError traceback ("no images to evaluate").
+        result = enrich_cli(settings, *args, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        said = " ".join(result.stdout.split())
+        assert "error:" in said and "image missing" in said, said

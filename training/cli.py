@@ -95,8 +95,12 @@ def train_command(
     console.print(
         f"[bold]{data_dir}[/]: {len(dataset.train)} train / {len(dataset.val)} validation items "
         f"(read: {read.get('kept')}/{read.get('rows')} rows kept, skipped {read.get('skipped') or 'none'}, "
-        f"repaired {read.get('repaired', 0)})"
+        f"repaired {read.get('repaired', 0)}, missing values {read.get('missing_values') or 'none'}, "
+        f"not UTF-8 {read.get('not_utf8', 0)})"
     )
+    if not dataset.train or not dataset.val:
+        console.print("[red]error[/red]: nothing to train on or to validate with: see what the read skipped")
+        raise typer.Exit(1)
     recipe = Recipe(
         name=name,
         version=version,
@@ -247,8 +251,15 @@ def evaluate_command(
             progress=lambda n: progress.advance(task, n),
         )
         items, images = decoded.kept(items)
-        report.skipped["image undecodable"] += len(decoded.undecodable)
-        report.kept -= len(decoded.undecodable)
+        if decoded.undecodable:
+            report.skipped["image undecodable"] += len(decoded.undecodable)
+            report.kept -= len(decoded.undecodable)
+        if not items:
+            progress.stop()
+            console.print(
+                f"[red]error[/red]: no image to evaluate in {data_dir} ({split}): {report.summary()}"
+            )
+            raise typer.Exit(1)
         task2 = progress.add_task(f"predict ({model.device})", total=len(items))
         raw = run_model(model, images, batch_size=batch_size, progress=lambda n: progress.advance(task2, n))
     evaluation = score(raw, items, model.config.thresholds)
