@@ -11,8 +11,9 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean F1 over the classes that occur in the truth (a class never present scores nothing either way)."""
-    classes = np.unique(y_true)
+    """Mean F1 over every class that occurs in the truth or in the predictions (as scikit-learn counts it:
+    a class the model predicts but the data never holds scores 0, instead of vanishing from the mean)."""
+    classes = np.union1d(y_true, y_pred)
     if len(classes) == 0:
         return float("nan")
     scores = []
