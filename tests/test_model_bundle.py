@@ -192,3 +192,24 @@ def test_a_title_never_shows_the_unknown_word_token() -> None:
     ids = codec.encode("Puma Men Zorblax Backpack", max_tokens=8)
     assert codec.unk in ids  # the rare word has no id of its own
     assert codec.decode(ids) == "Puma Men Backpack"
+
+
+def test_a_save_that_fails_on_the_way_leaves_the_previous_bundle_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.model.bundle import build_from_bundle
+    from worker.model.config import CONFIG_NAME, WEIGHTS_NAME
+
+    old = write_random_bundle(tmp_path / "bundle", seed=0)
+    before = {name: (old / name).read_bytes() for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    net, config, codec = build_from_bundle(write_random_bundle(tmp_path / "other", seed=1))
+
+    def disk_full(self: TitleCodec) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TitleCodec, "to_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_bundle(net, config, codec, old)
+    # The new weights were written over the old ones before the tokenizer failed: a bundle of mixed parts.
+    assert {name: (old / name).read_bytes() for name in before} == before
+    assert not list(old.glob(".*.partial"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -191,9 +192,19 @@ def save_bundle(net: EnrichNet, config: BundleConfig, codec: TitleCodec, path: P
             else:
                 stored = tensor.detach().cpu().contiguous()
             state[name] = stored
-    save_file(state, str(path / WEIGHTS_NAME), metadata={"name": config.name, "version": config.version})
-    (path / TOKENIZER_NAME).write_text(codec.to_json())
-    replace(config, tokenizer=None).save(path / CONFIG_NAME)
+    # Every file is written beside its final name first, then all are renamed at once: a save killed on the
+    # way (a full disk, a lost machine) leaves the previous bundle whole instead of new weights under an old
+    # config. The folder's other files (a README, reports) stay.
+    staged = {name: path / f".{name}.partial" for name in (WEIGHTS_NAME, TOKENIZER_NAME, CONFIG_NAME)}
+    try:
+        save_file(state, str(staged[WEIGHTS_NAME]), metadata={"name": config.name, "version": config.version})
+        staged[TOKENIZER_NAME].write_text(codec.to_json())
+        replace(config, tokenizer=None).save(staged[CONFIG_NAME])
+        for name, partial in staged.items():
+            os.replace(partial, path / name)
+    finally:
+        for partial in staged.values():
+            partial.unlink(missing_ok=True)
     return path
 
 
