@@ -64,6 +64,22 @@ def test_a_spreadsheet_export_stray_quotes_and_latin1_bytes(tmp_path: Path) -> N
     assert "1 read as Windows-1252" in report.summary()
 
 
+def test_quotes_inside_a_field_are_text_and_only_an_open_quoted_field_is_skipped(tmp_path: Path) -> None:
+    lines = [
+        # An inch mark in an unquoted title: text to csv (always was); counting quotes skipped the line.
+        '1,Men,Apparel,Bottomwear,Jeans,Blue,Fall,2012,Casual,Levis Men 32" Blue Jeans',
+        # Doubled quotes inside a quoted title, as the Kaggle file writes them.
+        '2,Women,Apparel,Bottomwear,Shorts,Pink,Summer,2011,Sports,"Nike Women\'s 3.5"" Pink Short"',
+        '3,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,"Puma Men Red Tshirt',  # left open: skipped
+        # Closed mid-field: read leniently, as before.
+        '4,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,"Puma Men" Red Tshirt',
+    ]
+    items, report = read_catalogue(_catalogue(tmp_path, lines, ["1", "2", "3", "4"]))
+    titles = ['Levis Men 32" Blue Jeans', "Nike Women's 3.5\" Pink Short", "Puma Men Red Tshirt"]
+    assert [it.title for it in items] == titles
+    assert report.skipped == {"unbalanced quote": 1}
+
+
 def test_flat_layout(tmp_path: Path) -> None:
     lines = ["10,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,A Tshirt"]
     items, _ = read_catalogue(_catalogue(tmp_path, lines, ["10"], nested=False))

@@ -98,6 +98,22 @@ def _text_lines(path: Path, report: ReadReport) -> list[str]:
     return lines
 
 
+def _fields(line: str) -> list[str] | None:
+    """One line's fields, or None where a quoted field is left open (a stray quote: csv would take the rest of
+    the line as that field's text). A quote inside an unquoted field (`Levis Men 32" Jeans`) is plain text to
+    csv, so counting quotes is not the test: a strict parse is, and one that fails only for lack of a closing
+    quote marks the open field."""
+    try:
+        return next(csv.reader([line], strict=True))
+    except csv.Error:
+        pass
+    try:
+        next(csv.reader([line + '"'], strict=True))
+    except csv.Error:
+        return next(csv.reader([line]))  # a quote closed mid-field (`"Puma Men" Red`): read as csv always did
+    return None
+
+
 def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[Item], ReadReport]:
     """All usable rows of DATA_DIR/styles.csv, and a report of what was repaired or skipped and why."""
     report = ReadReport()
@@ -114,10 +130,10 @@ def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[I
         if not line.strip():
             continue
         report.rows += 1
-        if line.count('"') % 2:
+        raw = _fields(line)
+        if raw is None:
             report.skipped["unbalanced quote"] += 1
             continue
-        raw = next(csv.reader([line]))
         if not any(x.strip() for x in raw):
             report.skipped["no values"] += 1
             continue
