@@ -11,10 +11,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -26,6 +27,12 @@ def _default_bundle() -> Path:
     except ImportError:  # pydantic-settings missing (a bare GPU machine): same path, computed here
         return Path(__file__).resolve().parents[1] / "models" / "default"
     return DEFAULT_BUNDLE
+
+
+def _fail(message: str) -> NoReturn:
+    """End a command on input it cannot use: one line (escaped: paths may hold brackets) and exit status 1."""
+    console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -81,16 +88,20 @@ def train_command(
     decode_workers: Annotated[int, typer.Option(help="Processes decoding images (0: one per core).")] = 0,
 ) -> None:
     """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
+    from training.data import CatalogueError
     from training.pack import SplitRecipe, ids_of, is_pack, open_catalogue, open_pack
     from training.report import write_report
     from training.trainer import Recipe, train
 
     command = _command_line()
-    if is_pack(data_dir):
-        dataset = open_pack(data_dir)
-    else:
-        split = SplitRecipe(val_fraction=val_fraction, seed=seed, force_val_ids=ids_of(hold_out or []))
-        dataset = open_catalogue(data_dir, split, limit=limit)
+    try:
+        if is_pack(data_dir):
+            dataset = open_pack(data_dir)
+        else:
+            split = SplitRecipe(val_fraction=val_fraction, seed=seed, force_val_ids=ids_of(hold_out or []))
+            dataset = open_catalogue(data_dir, split, limit=limit)
+    except CatalogueError as error:
+        _fail(str(error))
     read = dataset.info.get("read", {})
     console.print(
         f"[bold]{data_dir}[/]: {len(dataset.train)} train / {len(dataset.val)} validation items "
@@ -121,19 +132,22 @@ def train_command(
         class_weight_power=class_weight_power,
         decoder_dropout=decoder_dropout,
     )
-    result = train(
-        dataset.train,
-        dataset.val,
-        dataset.source,
-        recipe,
-        out,
-        device=device,
-        backbone_weights=backbone_weights,
-        data_info=dataset.info,
-        command=command,
-        console=console,
-        decode_workers=decode_workers,
-    )
+    try:
+        result = train(
+            dataset.train,
+            dataset.val,
+            dataset.source,
+            recipe,
+            out,
+            device=device,
+            backbone_weights=backbone_weights,
+            data_info=dataset.info,
+            command=command,
+            console=console,
+            decode_workers=decode_workers,
+        )
+    except CatalogueError as error:  # e.g. no training image decodes
+        _fail(str(error))
     meta = {
         "model": f"{result.config.name} {result.config.version}",
         "dataset": f"{data_dir.name} (validation split)",
@@ -202,7 +216,7 @@ def evaluate_command(
     """Score a bundle on a labelled catalogue: per-field accuracy, macro-F1, ECE; caption BLEU/exact match."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from training.data import read_catalogue
+    from training.data import CatalogueError, read_catalogue
     from training.evaluate import run_model, score
     from training.pack import SplitRecipe, split_catalogue
     from training.report import write_report
@@ -213,16 +227,22 @@ def evaluate_command(
     started = time.time()
     model = load_bundle(bundle, device=device, precision=precision)
     if split == "all":
-        items, report = read_catalogue(data_dir)
+        try:
+            items, report = read_catalogue(data_dir)
+        except CatalogueError as error:
+            _fail(str(error))
         if limit:
             items = sorted(items, key=lambda it: int(it.id))[:limit]
     elif split in ("val", "train"):
         recorded = model.config.data.get("split")
         if not recorded:
             raise typer.BadParameter("the bundle records no split; use --split all")
-        train_items, val_items, report = split_catalogue(
-            data_dir, SplitRecipe.from_dict(recorded), limit=recorded.get("limit")
-        )
+        try:
+            train_items, val_items, report = split_catalogue(
+                data_dir, SplitRecipe.from_dict(recorded), limit=recorded.get("limit")
+            )
+        except CatalogueError as error:
+            _fail(str(error))
         items = val_items if split == "val" else train_items
         expected = recorded.get(f"n_{split}")
         if stratified_only:

@@ -41,6 +41,11 @@ class Item:
     title: str | None
 
 
+class CatalogueError(ValueError):
+    """DATA_DIR cannot be read as a catalogue (no styles.csv, an empty one, no id column), or leaves nothing
+    to work on: the commands end in this one line, not a traceback."""
+
+
 @dataclass
 class ReadReport:
     rows: int = 0  # data lines seen
@@ -119,12 +124,19 @@ def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[I
     report = ReadReport()
     items: list[Item] = []
     seen: set[str] = set()
-    lines = iter(_text_lines(data_dir / "styles.csv", report))
+    styles = data_dir / "styles.csv"
+    try:
+        lines = iter(_text_lines(styles, report))
+    except OSError as error:  # no such file, a folder, no permission
+        raise CatalogueError(f"{styles}: {error.strerror or error}") from None
+    first = next(lines, None)
+    if first is None:
+        raise CatalogueError(f"{styles} is empty")
     # A spreadsheet's export starts with a BOM and may change the headers' case.
-    header = [h.strip().lower() for h in next(csv.reader([next(lines, "")]))]
+    header = [h.strip().lower() for h in next(csv.reader([first]), [])]
     col = {name: header.index(name.lower()) for name in COLUMNS if name.lower() in header}
     if "id" not in col:
-        raise ValueError(f"{data_dir / 'styles.csv'} has no 'id' column")
+        raise CatalogueError(f"{styles} has no 'id' column (its first line: {first[:80]!r})")
     # One physical line is one row: a stray quote must not swallow the lines after it.
     for line in lines:
         if not line.strip():

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from schema.results import HEAD_FIELDS
 from training.augment import augment
-from training.data import Item
+from training.data import CatalogueError, Item
 from training.evaluate import Evaluation, fit_thresholds, run_model, score
 from training.metrics import fit_temperature
 from training.pretrained import load_imagenet
@@ -282,6 +282,12 @@ def train(
     val_items, va_images = va_decoded.kept(val_items)
     if undecodable := len(tr_decoded.undecodable) + len(va_decoded.undecodable):
         say(f"[yellow]skipped {undecodable} undecodable images[/yellow] (empty, truncated or not an image)")
+    if not train_items:
+        # Without this check the first epoch divides by a batch size of 0.
+        raise CatalogueError(
+            f"no training image left to train on ({len(tr_decoded.undecodable)} undecodable: empty, truncated"
+            " or not an image)"
+        )
     tr_targets = build_targets(train_items, labels, codec, recipe.max_tokens)
     va_targets = build_targets(val_items, labels, codec, recipe.max_tokens)
 
