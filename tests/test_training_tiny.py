@@ -242,11 +242,16 @@ def test_training_skips_undecodable_images(tmp_path: Path) -> None:
         tiny_recipe(1),
         tmp_path / "bundle",
         device="cpu",
+        data_info=dataset.info,
         decode_workers=1,
     )
     # One such file ended the run in a DecodeError after the tokenizer and the labels were built.
     assert (result.bundle / "config.json").exists()
     assert not {"1", "2", "3"} & set(result.evaluation.ids)
+    # The bundle's read report counts them, as evaluate's does (it said "40/40 rows kept", skipped nothing).
+    read = json.loads((result.bundle / "config.json").read_text())["data"]["read"]
+    assert read["skipped"] == {"image undecodable": 3} and read["kept"] == 37
+    assert result.config.training["n_train"] + result.config.training["n_val"] == 37
 
 
 def test_evaluate_and_train_on_a_catalogue_without_images_say_so(random_bundle: Path, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def train_command(
     decode_workers: Annotated[int, typer.Option(help="Processes decoding images (0: one per core).")] = 0,
 ) -> None:
     """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
-    from training.data import CatalogueError
+    from training.data import CatalogueError, ReadReport
     from training.pack import SplitRecipe, ids_of, is_pack, open_catalogue, open_pack
     from training.report import write_report
     from training.trainer import Recipe, train
@@ -102,12 +102,11 @@ def train_command(
             dataset = open_catalogue(data_dir, split, limit=limit)
     except CatalogueError as error:
         _fail(str(error))
-    read = dataset.info.get("read", {})
+    # The summary `enrich evaluate` prints (a pack carries the report of the catalogue it was made of).
+    read = ReadReport.from_dict(dataset.info.get("read") or {})
     console.print(
-        f"[bold]{data_dir}[/]: {len(dataset.train)} train / {len(dataset.val)} validation items "
-        f"(read: {read.get('kept')}/{read.get('rows')} rows kept, skipped {read.get('skipped') or 'none'}, "
-        f"repaired {read.get('repaired', 0)}, missing values {read.get('missing_values') or 'none'}, "
-        f"not UTF-8 {read.get('not_utf8', 0)})"
+        f"[bold]{data_dir}[/]: {len(dataset.train)} train / {len(dataset.val)} validation items; "
+        f"read: {read.summary()}"
     )
     if not dataset.train or not dataset.val:
         console.print("[red]error[/red]: nothing to train on or to validate with: see what the read skipped")
@@ -216,7 +215,7 @@ def evaluate_command(
     """Score a bundle on a labelled catalogue: per-field accuracy, macro-F1, ECE; caption BLEU/exact match."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from training.data import CatalogueError, read_catalogue
+    from training.data import UNDECODABLE, CatalogueError, read_catalogue
     from training.evaluate import run_model, score
     from training.pack import SplitRecipe, split_catalogue
     from training.report import write_report
@@ -272,8 +271,7 @@ def evaluate_command(
         )
         items, images = decoded.kept(items)
         if decoded.undecodable:
-            report.skipped["image undecodable"] += len(decoded.undecodable)
-            report.kept -= len(decoded.undecodable)
+            report.drop(UNDECODABLE, len(decoded.undecodable))
         if not items:
             progress.stop()
             console.print(

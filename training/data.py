@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ COLUMNS: tuple[str, ...] = (
     "productDisplayName",
 )
 TITLE = "productDisplayName"
+UNDECODABLE = "image undecodable"  # the skip reason of a row whose image decoding rejects
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,23 @@ class ReadReport:
             "skipped": dict(self.skipped),
             "missing_values": dict(self.missing_values),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReadReport:
+        """The inverse of to_dict (a pack's or a bundle's record; keys older records lack count 0)."""
+        return cls(
+            rows=int(d.get("rows", 0)),
+            kept=int(d.get("kept", 0)),
+            repaired=int(d.get("repaired", 0)),
+            not_utf8=int(d.get("not_utf8", 0)),
+            skipped=Counter(d.get("skipped") or {}),
+            missing_values=Counter(d.get("missing_values") or {}),
+        )
+
+    def drop(self, reason: str, n: int) -> None:
+        """Count n kept rows as skipped after all, for `reason` (an image found undecodable later)."""
+        self.skipped[reason] += n
+        self.kept -= n
 
 
 def image_path(data_dir: Path, item_id: str) -> Path:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from schema.results import HEAD_FIELDS
 from training.augment import augment
-from training.data import CatalogueError, Item
+from training.data import UNDECODABLE, CatalogueError, Item, ReadReport
 from training.evaluate import Evaluation, fit_thresholds, run_model, score
 from training.metrics import fit_temperature
 from training.pretrained import load_imagenet
@@ -240,27 +240,9 @@ def train(
     torch.manual_seed(recipe.seed)
     say = console.print if console else (lambda *a, **k: None)
 
-    codec = TitleCodec(
-        train_tokenizer((it.title for it in train_items if it.title), min_frequency=recipe.min_word_frequency)
-    )
-    labels, derived = build_labels(train_items)
     pre = PreprocessConfig(input_size=recipe.input_size, detail_size=recipe.detail_size)
-    config = BundleConfig(
-        name=recipe.name,
-        version=recipe.version,
-        backbone=recipe.backbone,
-        preprocessing=pre,
-        labels=labels,
-        derived=derived,
-        decoder=recipe.decoder(),
-        weights_dtype=recipe.weights_dtype,
-        data=dict(data_info or {}),
-    )
-    say(
-        f"vocabulary {codec.vocab_size} words; classes "
-        + ", ".join(f"{f} {len(v)}" for f, v in labels.items())
-    )
-
+    # Decoded first: an undecodable image's row adds no class, word or title to the bundle, and the bundle's
+    # read report counts it as skipped, as `enrich evaluate` does.
     with _progress(console) as progress:
         total = len(train_items) + len(val_items)
         task = progress.add_task("decode + preprocess", total=total, info="")
@@ -278,16 +260,48 @@ def train(
             progress=lambda n: progress.advance(task, n),
         )
         progress.update(task, info=f"{total / max(1e-9, time.time() - t0):.0f} images/s")
+    dropped = [train_items[i].id for i in tr_decoded.undecodable] + [
+        val_items[i].id for i in va_decoded.undecodable
+    ]
     train_items, tr_images = tr_decoded.kept(train_items)
     val_items, va_images = va_decoded.kept(val_items)
-    if undecodable := len(tr_decoded.undecodable) + len(va_decoded.undecodable):
-        say(f"[yellow]skipped {undecodable} undecodable images[/yellow] (empty, truncated or not an image)")
+    data = dict(data_info or {})
+    if dropped and "read" in data:
+        read = ReadReport.from_dict(data["read"])
+        read.drop(UNDECODABLE, len(dropped))
+        data["read"] = read.to_dict()
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        say(
+            f"[yellow]skipped {len(dropped)} undecodable images[/yellow] "
+            f"(empty, truncated or not an image: ids {shown})"
+        )
     if not train_items:
         # Without this check the first epoch divides by a batch size of 0.
         raise CatalogueError(
             f"no training image left to train on ({len(tr_decoded.undecodable)} undecodable: empty, truncated"
             " or not an image)"
         )
+
+    codec = TitleCodec(
+        train_tokenizer((it.title for it in train_items if it.title), min_frequency=recipe.min_word_frequency)
+    )
+    labels, derived = build_labels(train_items)
+    config = BundleConfig(
+        name=recipe.name,
+        version=recipe.version,
+        backbone=recipe.backbone,
+        preprocessing=pre,
+        labels=labels,
+        derived=derived,
+        decoder=recipe.decoder(),
+        weights_dtype=recipe.weights_dtype,
+        data=data,
+    )
+    say(
+        f"vocabulary {codec.vocab_size} words; classes "
+        + ", ".join(f"{f} {len(v)}" for f, v in labels.items())
+    )
     tr_targets = build_targets(train_items, labels, codec, recipe.max_tokens)
     va_targets = build_targets(val_items, labels, codec, recipe.max_tokens)
 
