@@ -44,3 +44,19 @@ def test_unknown_labels_are_classes_of_their_own_and_titles_match_across_spaces(
     assert gender["macro_f1"] == pytest.approx(0.5 / 3)
     # The reference's double space made a correct title count as wrong.
     assert evaluation.caption["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_the_summaries_warn_of_labels_the_bundle_has_no_class_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import _print_summary
+    from training.report import write_report
+
+    items = [_item(0, "A", "A A A"), _item(1, "X", "A A A"), _item(2, "Y", "A A A")]
+    evaluation = score(_raw(["A A A"] * 3), items, {})
+    _print_summary(evaluation.to_dict())
+    said = " ".join(capsys.readouterr().out.split())
+    # n_unknown_labels was in report.json only: nothing on the console or in report.md said so.
+    assert "warning: gender: 2 labels in the data that the bundle has no class for" in said
+    write_report(evaluation, tmp_path, meta={})
+    assert "- warning: articleType: 2 labels in the data" in (tmp_path / "report.md").read_text()

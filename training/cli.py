@@ -169,7 +169,7 @@ def _split_summary(split: dict[str, object]) -> str:
 
 
 def _print_summary(report: dict[str, object]) -> None:
-    from training.report import BARS
+    from training.report import BARS, unknown_label_warnings
 
     table = Table("field", "accuracy", "bar", "macro-F1", "ECE")
     fields = report.get("fields", {})
@@ -179,6 +179,8 @@ def _print_summary(report: dict[str, object]) -> None:
             f, f"{m['accuracy']:.3f}", str(BARS.get(f, "")), f"{m['macro_f1']:.3f}", f"{m['ece']:.3f}"
         )
     console.print(table)
+    for line in unknown_label_warnings(fields):
+        console.print(f"[yellow]warning[/yellow]: {escape(line)}")
     cap = report.get("caption", {})
     assert isinstance(cap, dict)
     if cap:

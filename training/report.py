@@ -34,6 +34,17 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def unknown_label_warnings(fields: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per field whose data holds labels the bundle has no class for: those images can only be
+    scored wrong, so the field's accuracy says as much about the data as about the model."""
+    return [
+        f"{f}: {n} label{'s' if n > 1 else ''} in the data that the bundle has no class for "
+        "(their images count as wrong)"
+        for f, m in fields.items()
+        if (n := int(m.get("n_unknown_labels") or 0))
+    ]
+
+
 def plot_fields(ev: Evaluation, path: Path) -> None:
     names = [f for f in FIELDS if f in ev.fields]
     acc = [ev.fields[f]["accuracy"] for f in names]
@@ -131,6 +142,9 @@ def markdown(ev: Evaluation, meta: dict[str, Any]) -> str:
             f"{_fmt(m['threshold'], 2)} | {_fmt(m['coverage_at_threshold'])} | "
             f"{_fmt(m['accuracy_at_threshold'])} |"
         )
+    warnings = unknown_label_warnings(ev.fields)
+    if warnings:
+        lines += ["", *(f"- warning: {w}" for w in warnings)]
     c = ev.caption
     if c:
         lines += [
