@@ -273,3 +273,29 @@ def test_evaluate_and_train_on_a_catalogue_without_images_say_so(random_bundle: 
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         said = " ".join(result.stdout.split())
         assert "error:" in said and "image missing" in said, said
+
+
+def test_a_run_killed_while_writing_the_metrics_leaves_a_loadable_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.model.config import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, BundleConfig
+
+    torch.set_num_threads(2)
+    root = make_catalogue(tmp_path / "catalogue", n=20, seed=5)
+    dataset = open_catalogue(root, SplitRecipe(val_fraction=0.2, seed=0))
+    save = BundleConfig.save
+
+    def dies_half_way(self: BundleConfig, path: Path) -> None:
+        if not self.metrics:
+            return save(self, path)  # save_bundle's own write
+        path.write_text('{"name": "tiny", "lab')  # the last rewrite, with the metrics: cut short
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BundleConfig, "save", dies_half_way)
+    out = tmp_path / "bundle"
+    with pytest.raises(OSError, match="No space left"):
+        train(dataset.train, dataset.val, dataset.source, tiny_recipe(1), out, device="cpu", decode_workers=1)
+    # config.json was rewritten in place: half a JSON file, a bundle no worker could load.
+    clear_cache()
+    assert load_bundle(out).name == "tiny"
+    assert {p.name for p in out.iterdir()} == {CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME}  # nothing partial

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from training.tensors import (
     decoder_inputs,
 )
 from worker.model.bundle import EnrichModel, RawOutput, save_bundle
-from worker.model.config import BundleConfig, DecoderConfig, PreprocessConfig
+from worker.model.config import CONFIG_NAME, BundleConfig, DecoderConfig, PreprocessConfig
 from worker.model.network import EnrichNet, create_model
 from worker.model.preprocess import normalize
 from worker.model.tokenizer import TitleCodec, train_tokenizer
@@ -217,6 +218,17 @@ def _validate(
     stats["val_token_acc"] = float(tok_right / n_tok.clamp(min=1))
     net.train()
     return stats, out
+
+
+def _replace_config(config: BundleConfig, out: Path) -> None:
+    """Rewrite OUT's config.json (now with the metrics) beside its name, then rename it over the old one: a
+    run killed here leaves the valid config save_bundle wrote, not half a JSON file that no worker loads."""
+    partial = out / f".{CONFIG_NAME}.partial"
+    try:
+        config.save(partial)
+        os.replace(partial, out / CONFIG_NAME)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def train(
@@ -445,7 +457,7 @@ def train(
     raw = run_model(model, va_images.cpu(), batch_size=256) if len(va_images) else None
     evaluation = score(raw, val_items, thresholds) if raw is not None else Evaluation(0, {}, {})
     config = replace(config, metrics=evaluation.to_dict())
-    config.save(out / "config.json")
+    _replace_config(config, out)
     return TrainResult(
         bundle=out,
         config=config,
