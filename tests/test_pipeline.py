@@ -127,6 +127,7 @@ class ExplodingModel:
         self._model = model
         self.name, self.version = model.name, model.version  # type: ignore[attr-defined]
         self.preprocessing = model.preprocessing  # type: ignore[attr-defined]
+        self.upscales_on_device, self.collate = model.upscales_on_device, model.collate  # type: ignore[attr-defined]
 
     def predict(self, batch):  # type: ignore[no-untyped-def]
         h, w = batch.shape[2] // 2, batch.shape[3] // 2
@@ -261,7 +262,8 @@ class NewerVersion:
     """The same network under another model version (load_model's bundles are cached: never mutate one)."""
 
     def __init__(self, model: Model) -> None:
-        self.predict = model.predict
+        self.predict, self.collate = model.predict, model.collate
+        self.upscales_on_device = model.upscales_on_device
         self.name, self.version, self.preprocessing = model.name, "9.9.9", model.preprocessing
 
 

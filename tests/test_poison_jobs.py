@@ -90,6 +90,7 @@ class NaNForOne:
     def __init__(self, model: Model, poisoned: int) -> None:
         self.model, self.poisoned = model, poisoned
         self.name, self.version, self.preprocessing = model.name, model.version, model.preprocessing
+        self.upscales_on_device, self.collate = model.upscales_on_device, model.collate
 
     def predict(self, batch: torch.Tensor) -> list[ImagePrediction]:
         predictions = self.model.predict(batch)

@@ -69,21 +69,24 @@ def decode_image(data: bytes, *, max_pixels: int, target_size: tuple[int, int]) 
 
 @dataclass(frozen=True, slots=True)
 class DecodedInput:
-    pixels: np.ndarray  # uint8 (3, H, W) at the network's input size
+    pixels: np.ndarray  # uint8 (3, H, W) at the network's input size, or smaller if its upscale was deferred
     width: int  # of the original image
     height: int
     decode_ms: float
 
 
-def decode_to_input(data: bytes, *, pre: PreprocessConfig, max_pixels: int) -> DecodedInput:
+def decode_to_input(
+    data: bytes, *, pre: PreprocessConfig, max_pixels: int, defer_upscale: bool = False
+) -> DecodedInput:
     """The whole CPU side of serving: bytes -> the network's uint8 input (training evaluates through it too).
 
     JPEG decodes at the smallest scale the preprocessing keeps (its detail size, else its input size): a
-    full-size photo decodes at 1/8 scale, several times faster than at full size.
+    full-size photo decodes at 1/8 scale, several times faster than at full size. `defer_upscale` leaves
+    an image's enlargement to the model's device (a GPU worker: worker/model/upscale.py).
     """
     started = time.perf_counter()
     decoded = decode_image(data, max_pixels=max_pixels, target_size=pre.detail_size or pre.input_size)
-    pixels = preprocess_array(decoded.image, pre)
+    pixels = preprocess_array(decoded.image, pre, defer_upscale=defer_upscale)
     elapsed_ms = (time.perf_counter() - started) * 1000
     return DecodedInput(pixels=pixels, width=decoded.width, height=decoded.height, decode_ms=elapsed_ms)
 

@@ -126,10 +126,12 @@ class ImagePool:
         timeout_s: float,
         memory_mb: int,
         fetch_timeout_s: float | None = None,
+        defer_upscale: bool = False,
     ) -> None:
         self.store = store
         self.fetch_timeout_s = fetch_timeout_s
         self.preprocessing = preprocessing
+        self.defer_upscale = defer_upscale  # the model's device enlarges the images (a GPU worker)
         self.max_pixels = max_pixels
         self.processes = processes
         self.fetch_processes = fetch_processes
@@ -177,7 +179,11 @@ class ImagePool:
 
     def submit(self, data: bytes) -> Future[DecodedInput]:
         """Start decoding; collect the outcome with `result`."""
-        kwargs = {"pre": self.preprocessing, "max_pixels": self.max_pixels}
+        kwargs = {
+            "pre": self.preprocessing,
+            "max_pixels": self.max_pixels,
+            "defer_upscale": self.defer_upscale,
+        }
         if self._decoders is not None:
             return self._decoders.schedule(decode_to_input, data, timeout=self.timeout_s, **kwargs)
         future: Future[DecodedInput] = Future()

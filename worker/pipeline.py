@@ -32,6 +32,9 @@ class Model(Protocol):
     name: str
     version: str
     preprocessing: PreprocessConfig
+    upscales_on_device: bool  # the decoders leave enlarging each image to `collate`
+
+    def collate(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
     def predict(self, batch: torch.Tensor) -> list[ImagePrediction]: ...
 
@@ -391,9 +394,9 @@ class Pipeline:
 
     def _infer(self, ready: list[Prepared]) -> None:
         started = time.perf_counter()
-        batch = torch.stack([item.pixels for item in ready if item.pixels is not None])
         predictions: list[ImagePrediction | str]
         try:
+            batch = self.model.collate([item.pixels for item in ready if item.pixels is not None])
             predictions = list(self.model.predict(batch))
             self._count_pass(len(ready))
         except Exception as error:  # noqa: BLE001 - any model failure becomes per-image data
@@ -419,7 +422,7 @@ class Pipeline:
         for item in ready:
             assert item.pixels is not None
             try:
-                outcomes.append(self.model.predict(item.pixels.unsqueeze(0))[0])
+                outcomes.append(self.model.predict(self.model.collate([item.pixels]))[0])
                 self._count_pass(1)
             except Exception as error:  # noqa: BLE001
                 outcomes.append(f"inference failed: {type(error).__name__}: {error} (batch: {batch_error})")

@@ -59,6 +59,7 @@ def build_decoder(settings: Settings, model: Model, store: ObjectStore) -> Image
         timeout_s=settings.decode_timeout_s,
         memory_mb=settings.decode_memory_mb,
         fetch_timeout_s=settings.fetch_timeout_s,
+        defer_upscale=model.upscales_on_device,
     )
 
 

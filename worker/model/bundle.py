@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from worker.model.fuse import fold_batch_norms, fuse_conv_activations
 from worker.model.network import EnrichNet, create_model
 from worker.model.preprocess import normalize, preprocess_array
 from worker.model.tokenizer import TitleCodec
+from worker.model.upscale import assemble
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,6 +91,9 @@ class EnrichModel:
         self.device = device
         self.codec = codec
         self._cuda = device.type == "cuda"
+        # Where the decoders leave the upscale to `collate` (worker/model/upscale.py): on a GPU, where it is
+        # nearly free; on the CPU Pillow's resize in the decoding processes is cheaper.
+        self.upscales_on_device = self._cuda
         self.bf16 = resolve_bf16(precision, device)
         # The served network is a copy (the caller's, e.g. the trainer's, keeps its BatchNorms and dtype)
         # rewritten for inference (worker/model/fuse.py), in bf16 when autocast would run it in bf16
@@ -107,15 +112,21 @@ class EnrichModel:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(preprocess_array(image, self.config.preprocessing))
 
+    def collate(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Decoded uint8 CHW images (at the input size, or smaller where the decoders deferred the
+        upscale) -> the uint8 NCHW input batch, on the device."""
+        return assemble(pixels, self.preprocessing, self.device)
+
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.dtype != torch.uint8 or batch.dim() != 4:
             raise ValueError(f"expected a uint8 NCHW batch, got {batch.dtype} {tuple(batch.shape)}")
-        if self._cuda:
+        if self._cuda and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch
 
     def infer(self, batch: torch.Tensor) -> RawOutput:
-        """The full distributions (for evaluation) and captions of a uint8 NCHW batch."""
+        """The full distributions (for evaluation) and captions of a uint8 NCHW batch (on the CPU, or on
+        the device from `collate`)."""
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             x = normalize(
                 self._to_device(batch),

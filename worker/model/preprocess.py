@@ -28,6 +28,16 @@ def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+def fit_size(size: tuple[int, int], pre: PreprocessConfig) -> tuple[int, int]:
+    """(h, w) an image of `size` (h, w) is resized to before any letterbox padding."""
+    if pre.resize == "stretch":
+        return pre.input_size
+    if pre.resize != "letterbox":
+        raise ValueError(f"unknown resize mode {pre.resize!r}")
+    w, h = _fit((size[1], size[0]), pre.input_size)
+    return h, w
+
+
 def reduce_detail(image: Image.Image, detail_size: tuple[int, int] | None) -> Image.Image:
     """Shrink an image larger than `detail_size` (h, w) to fit inside it; smaller ones pass unchanged."""
     if detail_size is None:
@@ -42,11 +52,7 @@ def reduce_detail(image: Image.Image, detail_size: tuple[int, int] | None) -> Im
 def resize_to_input(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
     """Resize (and pad, for letterbox) an RGB image to exactly pre.input_size."""
     out_h, out_w = pre.input_size
-    if pre.resize == "stretch":
-        return image.resize((out_w, out_h), _RESAMPLE, reducing_gap=2.0)
-    if pre.resize != "letterbox":
-        raise ValueError(f"unknown resize mode {pre.resize!r}")
-    new_w, new_h = _fit(image.size, pre.input_size)
+    new_h, new_w = fit_size((image.height, image.width), pre)
     resized = (
         image if (new_w, new_h) == image.size else image.resize((new_w, new_h), _RESAMPLE, reducing_gap=2.0)
     )
@@ -57,12 +63,24 @@ def resize_to_input(image: Image.Image, pre: PreprocessConfig) -> Image.Image:
     return canvas
 
 
-def preprocess_array(image: Image.Image, pre: PreprocessConfig) -> np.ndarray:
-    """An RGB PIL image -> uint8 array (3, H, W) at the network's input size."""
+def upscales(size: tuple[int, int], pre: PreprocessConfig) -> bool:
+    """Whether an image of `size` (h, w), already at its level of detail, is enlarged (on no axis shrunk)
+    on its way to the input: the resize worker/model/upscale.py can do on the device instead."""
+    new_h, new_w = fit_size(size, pre)
+    return (new_h, new_w) != size and new_h >= size[0] and new_w >= size[1]
+
+
+def preprocess_array(image: Image.Image, pre: PreprocessConfig, *, defer_upscale: bool = False) -> np.ndarray:
+    """An RGB PIL image -> uint8 array (3, H, W) at the network's input size; with `defer_upscale`, an
+    image to be enlarged stays at its own size, smaller than the input (worker/model/upscale.py finishes
+    it on the device)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    image = resize_to_input(reduce_detail(image, pre.detail_size), pre)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    image = reduce_detail(image, pre.detail_size)
+    if not (defer_upscale and upscales((image.height, image.width), pre)):
+        image = resize_to_input(image, pre)
+    # A copy in C order, always writable (a 1-pixel-wide transpose would otherwise be a read-only view).
+    return np.array(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), order="C")
 
 
 def normalize(
