@@ -58,11 +58,9 @@ def test_the_device_upscale_gives_pillows_pixels(pre: PreprocessConfig) -> None:
     assert all(tuple(d.shape) == (3, 80, 60) for d in deferred[:8])
     assert sum(tuple(d.shape[1:]) != INPUT for d in deferred) >= 12
     on_device = assemble(deferred, pre, CPU)
-    assert on_device.dtype == torch.uint8 and on_device.shape == pillow.shape
-    diff = (on_device.int() - pillow.int()).abs()
-    # Pillow rounds fixed-point sums, float32 rounds its own way: a tie may land one grey level apart.
-    assert int(diff.max()) <= 1
-    assert int((diff > 0).sum()) <= diff.numel() // 100_000
+    assert on_device.dtype == torch.uint8
+    assert torch.equal(on_device, pillow)  # bit for bit, whatever the mix of sizes in the batch
+    assert torch.equal(assemble(deferred[:8], pre, CPU), pillow[:8])  # one size: the usual batch
 
 
 def test_an_image_that_shrinks_is_resized_by_pillow_even_when_upscales_are_deferred() -> None:
@@ -93,8 +91,7 @@ def test_the_decoding_processes_hand_over_small_images_that_collate_to_pillows_i
     pillow = torch.stack(
         [torch.from_numpy(decode_to_input(data, pre=pre, max_pixels=10_000_000).pixels) for data in blobs]
     )
-    collated = assemble([torch.from_numpy(d.pixels) for d in decoded], pre, CPU)
-    assert int((collated.int() - pillow.int()).abs().max()) <= 1
+    assert torch.equal(assemble([torch.from_numpy(d.pixels) for d in decoded], pre, CPU), pillow)
 
 
 def test_a_pipeline_that_upscales_on_the_device_writes_the_rows_pillows_input_gives(
@@ -121,12 +118,8 @@ def test_a_pipeline_that_upscales_on_the_device_writes_the_rows_pillows_input_gi
         predictions[on_device] = [o.result.prediction for o in outcomes if o.result]
         with pg_engine.begin() as connection:  # the second run must not skip the images as done
             connection.execute(delete(Enrichment))
-    for pillow, device in zip(predictions[False], predictions[True], strict=True):
-        assert pillow is not None and device is not None
-        assert device.caption == pillow.caption
-        for field, value in pillow.fields.items():
-            assert device.fields[field].value == value.value
-            assert device.fields[field].confidence == pytest.approx(value.confidence, abs=1e-3)
+    # The same input pixels, so the same prediction to the last digit of every confidence.
+    assert predictions[True] == predictions[False]
 
 
 @pytest.mark.gpu
@@ -141,7 +134,7 @@ def test_on_cuda_the_model_upscales_and_predicts_as_from_pillows_input(tmp_path:
     collated = model.collate(deferred)
     assert collated.is_cuda
     pillow = torch.stack([torch.from_numpy(preprocess_array(image, pre)) for image in images])
-    assert int((collated.cpu().int() - pillow.int()).abs().max()) <= 1
+    assert torch.equal(collated.cpu(), pillow)
     on_device, from_pillow = model.infer(collated), model.infer(pillow)
     assert torch.equal(on_device.best["articleType"], from_pillow.best["articleType"])
     assert on_device.captions == from_pillow.captions
