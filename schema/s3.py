@@ -23,8 +23,8 @@ def _credentials(settings: Settings) -> dict[str, Any]:
     return {}  # boto3's own chain: AWS_* variables, mounted profile, instance role
 
 
-def make_s3_client(settings: Settings) -> S3Client:
-    return boto3.session.Session().client(
+def make_s3_client(settings: Settings, *, session: boto3.session.Session | None = None) -> S3Client:
+    return (session or boto3.session.Session()).client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,

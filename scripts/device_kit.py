@@ -30,7 +30,8 @@ DATASETS = REPO.parent / "shared" / "datasets"
 WHEELS = [
     *("alembic", "amqp", "annotated-types", "billiard", "blinker", "boto3", "botocore", "celery", "cffi"),
     *("click-didyoumean", "click-plugins", "click-repl", "cryptography", "defusedxml", "Flask", "flask-cors"),
-    *("httptools", "itsdangerous", "jmespath", "kombu", "Mako", "moto", "nanio", "Pebble", "prompt_toolkit"),
+    *("httptools", "itsdangerous", "jmespath", "kombu", "Mako", "moto", "nanio", "obstore", "Pebble"),
+    "prompt_toolkit",
     "psycopg",
     *("psycopg-binary", "pycparser", "pydantic", "pydantic_core", "pydantic-settings", "python-dotenv"),
     *("redis", "responses", "s3transfer", "SQLAlchemy", "starlette", "typing-inspection", "tzlocal"),
@@ -178,8 +179,8 @@ def main() -> None:
     )
     parser.add_argument("--python", default="3.12", help="the GPU machine's Python (3.12.3 in 2026-11)")
     parser.add_argument("--out", type=Path, default=REPO / ".devkit")
-    parser.add_argument("--small", type=int, default=1024, help="60x80 catalogue images to carry")
-    parser.add_argument("--fullres", type=int, default=20, help="1800x2400 photos to carry")
+    parser.add_argument("--small", type=int, default=512, help="60x80 catalogue images to carry")
+    parser.add_argument("--fullres", type=int, default=10, help="1800x2400 photos to carry")
     args = parser.parse_args()
     exclude = REPO / ".git/info/exclude"
     exclude.parent.mkdir(exist_ok=True)

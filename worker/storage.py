@@ -11,11 +11,13 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, Protocol
 
+import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schema.results import IMAGE_SUFFIXES, ObjectRef, bare_etag, real_version_id
 from schema.s3 import make_s3_client
 from schema.settings import Settings
+from worker.s3_get import ObstoreGetter, UnnamableKey
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -70,13 +72,21 @@ PERMANENT_S3_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "AccessDeni
 
 
 class S3Store:
-    def __init__(self, client: S3Client, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self, client: S3Client, *, settings: Settings | None = None, fast: ObstoreGetter | None = None
+    ) -> None:
         self._client = client
         self._settings = settings
+        self._fast = fast
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Store:
-        return cls(make_s3_client(settings), settings=settings)
+        session = boto3.session.Session()
+        try:
+            fast: ObstoreGetter | None = ObstoreGetter(settings, session)
+        except ValueError:  # no credentials anywhere: boto3's GET says so, as it always did
+            fast = None
+        return cls(make_s3_client(settings, session=session), settings=settings, fast=fast)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A fetching process builds its own client (and connection pool) from the same settings.
@@ -85,6 +95,14 @@ class S3Store:
         return (S3Store.from_settings, (self._settings,))
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
+        if self._fast is not None:
+            try:
+                return self._fast.get(ref, max_bytes=max_bytes)
+            except UnnamableKey:
+                pass  # a key such as "a//b.jpg": boto3 names any key
+        return self._boto3_get(ref, max_bytes=max_bytes)
+
+    def _boto3_get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
         arguments: dict[str, Any] = {"Bucket": ref.bucket, "Key": ref.key}
         if ref.version_id:
             arguments["VersionId"] = ref.version_id
