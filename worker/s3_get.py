@@ -84,7 +84,7 @@ class ObstoreGetter:
             return store
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
-        from worker.storage import FetchedObject, FetchError, LimitError
+        from worker.storage import FetchedObject, FetchError, LimitError, overwritten, quoted_etag
 
         if not _nameable(ref.key):
             raise UnnamableKey(ref.key)
@@ -92,17 +92,13 @@ class ObstoreGetter:
         if ref.version_id:
             options["version"] = ref.version_id
         elif ref.etag:
-            # The event names one version of the bytes; if the key was overwritten since, fail clearly.
-            options["if_match"] = f'"{ref.etag.strip(chr(34))}"'
+            options["if_match"] = quoted_etag(ref.etag)
         try:
             result = obstore.get(self._store(ref.bucket), ref.key, options=options or None)
         except ValueError as error:  # a path obstore refuses after all: ask boto3
             raise UnnamableKey(f"{ref.key!r}: {error}") from None
         except PreconditionError:
-            raise FetchError(
-                f"object s3://{ref.bucket}/{ref.key} changed since the event (ETag {ref.etag} gone)",
-                transient=False,
-            ) from None
+            raise overwritten(ref) from None
         # obstore raises Python's own FileNotFoundError for a 404 (and may for a 403 PermissionError).
         except (
             FileNotFoundError,

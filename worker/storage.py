@@ -42,6 +42,18 @@ def _rebuild_fetch_error(cls: type[FetchError], message: str, transient: bool) -
     return error
 
 
+def quoted_etag(etag: str) -> str:
+    """An ETag as an If-Match header gives it: in double quotes."""
+    return f'"{etag.strip(chr(34))}"'
+
+
+def overwritten(ref: ObjectRef) -> FetchError:
+    """The If-Match of a job's ETag failed: the key holds other bytes now (whose upload has its own event)."""
+    return FetchError(
+        f"object s3://{ref.bucket}/{ref.key} changed since the event (ETag {ref.etag} gone)", transient=False
+    )
+
+
 class LimitError(FetchError):
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=False)
@@ -109,7 +121,7 @@ class S3Store:
         elif ref.etag:
             # The event names one version of the bytes; if the key was overwritten since, fail clearly
             # (the overwrite has an event of its own) rather than enrich other bytes under this identity.
-            arguments["IfMatch"] = f'"{ref.etag.strip(chr(34))}"'
+            arguments["IfMatch"] = quoted_etag(ref.etag)
         try:
             response = self._client.get_object(**arguments)
             size = int(response["ContentLength"])
@@ -121,10 +133,7 @@ class S3Store:
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code == "PreconditionFailed" or status == 412:
-                raise FetchError(
-                    f"object s3://{ref.bucket}/{ref.key} changed since the event (ETag {ref.etag} gone)",
-                    transient=False,
-                ) from None
+                raise overwritten(ref) from None
             transient = code not in PERMANENT_S3_ERRORS and (status >= 500 or status in (0, 408, 429))
             raise FetchError(f"S3 {code or status}: {error}", transient=transient) from None
         except BotoCoreError as error:
