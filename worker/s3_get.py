@@ -28,20 +28,24 @@ from obstore.exceptions import (
 )
 from obstore.store import S3Store as ObstoreS3
 
-from schema.results import ObjectRef, bare_etag, real_version_id
+from schema.results import ObjectRef
 from schema.settings import Settings
+from worker.storage import (
+    FetchedObject,
+    FetchError,
+    LimitError,
+    UnnamableKey,
+    fetched_object,
+    overwritten,
+    quoted_etag,
+    transient_status,
+)
 
 if TYPE_CHECKING:
     from obstore import GetOptions
 
-    from worker.storage import FetchedObject
-
 _CODE = re.compile(r"<Code>([A-Za-z0-9]+)</Code>")
 _STATUS = re.compile(r"status code: (\d{3})")
-
-
-class UnnamableKey(Exception):
-    """obstore cannot express this key as a path: fetch it some other way."""
 
 
 class ObstoreGetter:
@@ -84,8 +88,6 @@ class ObstoreGetter:
             return store
 
     def get(self, ref: ObjectRef, *, max_bytes: int) -> FetchedObject:
-        from worker.storage import FetchedObject, FetchError, LimitError, overwritten, quoted_etag
-
         if not _nameable(ref.key):
             raise UnnamableKey(ref.key)
         options: GetOptions = {}
@@ -119,14 +121,12 @@ class ObstoreGetter:
             data = bytes(result.bytes())
         except BaseError as error:  # the connection dropped mid-body: worth another try
             raise FetchError(f"S3 body: {_first_line(error)}", transient=True) from None
-        if len(data) > max_bytes:
-            raise LimitError(f"object is over the limit of {max_bytes} bytes")
-        return FetchedObject(
-            data=data,
-            size=len(data),
+        return fetched_object(
+            data,
+            max_bytes=max_bytes,
             last_modified=result.meta["last_modified"],
-            etag=bare_etag(result.meta["e_tag"]),
-            version_id=real_version_id(result.meta["version"]),
+            etag=result.meta["e_tag"],
+            version_id=result.meta["version"],
         )
 
 
@@ -152,14 +152,12 @@ def _first_line(error: Exception) -> str:
     return text.split(": <?xml", 1)[0].split("\n", 1)[0]
 
 
-def _generic(error: Exception) -> Exception:
+def _generic(error: Exception) -> FetchError:
     """5xx, 408/429, a timeout or an unreachable server (after obstore's retries) are transient; any other
     status the server gave (400, say) will not change on retry."""
-    from worker.storage import FetchError
-
     status = _STATUS.search(str(error))
     code = int(status.group(1)) if status else 0
-    transient = code == 0 or code >= 500 or code in (408, 429)
+    transient = transient_status(code)
     label = _CODE.search(str(error))
     name = label.group(1) if label else (str(code) if code else "unreachable")
     return FetchError(f"S3 {name}: {_first_line(error)}", transient=transient)

@@ -17,10 +17,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from schema.results import IMAGE_SUFFIXES, ObjectRef, bare_etag, real_version_id
 from schema.s3 import make_s3_client
 from schema.settings import Settings
-from worker.s3_get import ObstoreGetter, UnnamableKey
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from worker.s3_get import ObstoreGetter
 
 
 class FetchError(Exception):
@@ -59,6 +60,15 @@ class LimitError(FetchError):
         super().__init__(message, transient=False)
 
 
+class UnnamableKey(Exception):
+    """The S3 client at hand cannot name this key exactly: fetch it with another."""
+
+
+def transient_status(status: int) -> bool:
+    """An HTTP status worth another try later: a server error, a timeout or throttling, or no answer (0)."""
+    return status == 0 or status >= 500 or status in (408, 429)
+
+
 @dataclass(frozen=True, slots=True)
 class FetchedObject:
     data: bytes
@@ -73,6 +83,22 @@ class FetchedObject:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
+
+
+def fetched_object(
+    data: bytes, *, max_bytes: int, last_modified: datetime | None, etag: str | None, version_id: str | None
+) -> FetchedObject:
+    """A GET's bytes and the identity its answer gave, refused if the body outgrew the limit its size
+    header was checked against."""
+    if len(data) > max_bytes:
+        raise LimitError(f"object is over the limit of {max_bytes} bytes")
+    return FetchedObject(
+        data=data,
+        size=len(data),
+        last_modified=last_modified,
+        etag=bare_etag(etag),
+        version_id=real_version_id(version_id),
+    )
 
 
 class ObjectStore(Protocol):
@@ -93,6 +119,8 @@ class S3Store:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Store:
+        from worker.s3_get import ObstoreGetter  # obstore loads in the processes that fetch, not in decoders
+
         session = boto3.session.Session()
         try:
             fast: ObstoreGetter | None = ObstoreGetter(settings, session)
@@ -134,18 +162,16 @@ class S3Store:
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code == "PreconditionFailed" or status == 412:
                 raise overwritten(ref) from None
-            transient = code not in PERMANENT_S3_ERRORS and (status >= 500 or status in (0, 408, 429))
+            transient = code not in PERMANENT_S3_ERRORS and transient_status(status)
             raise FetchError(f"S3 {code or status}: {error}", transient=transient) from None
         except BotoCoreError as error:
             raise FetchError(f"S3 unreachable: {error}", transient=True) from None
-        if len(data) > max_bytes:
-            raise LimitError(f"object is over the limit of {max_bytes} bytes")
-        return FetchedObject(
-            data=data,
-            size=len(data),
+        return fetched_object(
+            data,
+            max_bytes=max_bytes,
             last_modified=response.get("LastModified"),
-            etag=bare_etag(response.get("ETag")),
-            version_id=real_version_id(response.get("VersionId")),
+            etag=response.get("ETag"),
+            version_id=response.get("VersionId"),
         )
 
 

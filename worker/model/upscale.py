@@ -54,6 +54,12 @@ def bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
     return fixed / one
 
 
+@lru_cache(maxsize=64)
+def _device_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """bicubic_weights on the device, copied there once per size rather than once per batch."""
+    return torch.from_numpy(bicubic_weights(in_size, out_size)).to(device)
+
+
 def _round_to_uint8_range(x: torch.Tensor) -> torch.Tensor:
     return x.add_(0.5).floor_().clamp_(0.0, 255.0)
 
@@ -66,10 +72,9 @@ def upscale(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # grey level off Pillow's integer arithmetic. The products are small (~15 MFLOP per image).
     x = batch.to(torch.float64)
     if out_w != w:  # horizontal pass first, as Pillow
-        ww = torch.from_numpy(bicubic_weights(w, out_w)).to(x.device)
-        x = _round_to_uint8_range(torch.matmul(x, ww.T))
+        x = _round_to_uint8_range(torch.matmul(x, _device_weights(w, out_w, x.device).T))
     if out_h != h:
-        wh = torch.from_numpy(bicubic_weights(h, out_h)).to(x.device)
+        wh = _device_weights(h, out_h, x.device)
         x = _round_to_uint8_range(torch.matmul(wh, x.reshape(n * c, h, out_w))).view(n, c, out_h, out_w)
     return x.to(torch.uint8)
 
