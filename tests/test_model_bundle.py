@@ -163,6 +163,19 @@ def test_precision_rules() -> None:
         resolve_bf16("fp16", cpu)
 
 
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it_natively(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: bool
+) -> None:
+    # An AVX512 CPU without BF16 (Skylake to Ice Lake) passes oneDNN's bf16 check by emulation, 1.8x slower
+    # than fp32 on the default model: "auto" must keep fp32 there.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_bf16("auto", torch.device("cpu")) is expected
+
+
 def test_fp32_and_bf16_models_are_cached_apart(bundle: Path) -> None:
     fp32 = load_bundle(bundle, precision="fp32")
     bf16 = load_bundle(bundle, precision="bf16")
