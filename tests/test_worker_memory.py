@@ -3,13 +3,20 @@ in alone, never deadlocks holders that grow) and the decoding processes' room to
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from schema.settings import Settings
 from worker.budget import ByteBudget
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_reservation_waits_until_a_release_makes_room() -> None:
@@ -59,3 +66,53 @@ def test_settings_refuse_a_decode_memory_limit_too_small_to_receive_the_largest_
         Settings(max_object_bytes=600 * 2**20)
     assert Settings(max_object_bytes=600 * 2**20, decode_memory_mb=2100).decode_memory_mb == 2100
     assert Settings(max_object_bytes=600 * 2**20, decode_processes=0).decode_processes == 0  # no processes
+
+
+_MAIN_THAT_MAPS_A_LOT = """
+import mmap
+
+# multiprocessing runs the main module again in every decoding process: 2 GiB of address space there
+# before any decode, as a main module that imports torch maps about 3 GiB.
+RESERVED = mmap.mmap(-1, 2 << 30)
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from worker.image_pool import ImagePool
+    from worker.model.config import PreprocessConfig
+    from worker.storage import LocalStore
+
+    pool = ImagePool(
+        store=LocalStore(Path.cwd()),
+        preprocessing=PreprocessConfig(input_size=(64, 48)),
+        max_pixels=10_000_000,
+        processes=1,
+        fetch_processes=1,
+        timeout_s=30.0,
+        memory_mb=512,
+    )
+    try:
+        print(tuple(pool.decode(Path(sys.argv[1]).read_bytes()).pixels.shape))
+    finally:
+        pool.close()
+"""
+
+
+def test_decoding_limits_what_a_decode_adds_not_what_the_callers_main_module_maps(tmp_path: Path) -> None:
+    # `python -m enrich.ceilings` (which imports torch) failed every image as "decoding needed more than
+    # 1024 MiB": the limit counted the address space the re-imported main module had already mapped.
+    script = tmp_path / "main_that_maps_a_lot.py"
+    script.write_text(_MAIN_THAT_MAPS_A_LOT)
+    photo = tmp_path / "photo.jpg"  # a full-size photo: its decode needs fresh memory, not a reused arena
+    Image.linear_gradient("L").resize((1800, 2400)).convert("RGB").save(photo, "JPEG")
+    done = subprocess.run(
+        [sys.executable, str(script), str(photo)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(3, 64, 48)"

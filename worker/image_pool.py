@@ -50,8 +50,20 @@ class ImagePoolError(RuntimeError):
     """The pool itself failed (not the image): the job should be retried, not recorded as failed."""
 
 
+def _address_space_bytes() -> int:
+    """The address space this process maps (Linux: /proc/self/statm); 0 where that cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _limit_memory(memory_mb: int) -> None:
-    limit = memory_mb * 1024 * 1024
+    # The limit is on what decoding adds to the process as it starts. multiprocessing runs the caller's main
+    # module again in every child, and a main module that imports torch maps 3 GiB before decoding anything:
+    # an absolute 1 GiB limit then failed every image as "needed more than 1024 MiB".
+    limit = _address_space_bytes() + memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
