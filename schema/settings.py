@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     # alone.
     decode_processes: int = -1
     decode_timeout_s: float = 10.0
-    decode_memory_mb: int = 1024  # address-space limit of each decoding process
+    decode_memory_mb: int = 1024  # address space a decoding process may add to its start-up footprint
 
     # Ingest webhook.
     webhook_host: str = "127.0.0.1"
