@@ -163,6 +163,8 @@ class BenchReport:
     statuses: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> row status -> rows
     mean_batch: dict[str, float] = field(default_factory=dict)  # phase -> images per forward pass
     warmup_s: dict[str, float] = field(default_factory=dict)  # phase -> its worker's untimed warm-up round
+    # (a)'s untimed first batch (one-time costs, when the bench's model is fresh) and its later ones
+    model_batch_ms: dict[str, float] = field(default_factory=dict)
     invalid: dict[str, str] = field(default_factory=dict)  # figure -> why it does not measure what it says
 
     @property
@@ -250,6 +252,9 @@ class BenchReport:
             for phase, size in self.mean_batch.items()
         ]
         rows += [f"| untimed warm-up: {phase} | {s:.1f} s |" for phase, s in self.warmup_s.items()]
+        if self.model_batch_ms:
+            first, later = self.model_batch_ms["first"], self.model_batch_ms["later"]
+            rows.append(f"| model: first batch / later batches | {first:,.0f} ms / {later:,.0f} ms each |")
         if self.offered_rate:
             target, achieved = self.offered_rate["target"], self.offered_rate["achieved"]
             rows.append(
@@ -648,8 +653,13 @@ def run_bench(
     processes = settings.effective_decode_processes
     how = f"{processes} processes" if processes else f"{settings.fetch_threads} threads"
     say(f"(b) decode ceiling: {rate:,.1f} images/s (one process's decoding pool: {how})")
-    report.rates["model"] = model_ceiling(model, tensors, batch_size=settings.batch_size)
-    say(f"(a) model ceiling: {report.rates['model']:,.1f} images/s (one process, pre-decoded batches)")
+    ceiling = model_ceiling(model, tensors, batch_size=settings.batch_size)
+    report.rates["model"] = ceiling.rate
+    report.model_batch_ms = {"first": ceiling.first_batch_s * 1000, "later": ceiling.batch_s * 1000}
+    say(
+        f"(a) model ceiling: {ceiling.rate:,.1f} images/s (one process, pre-decoded batches; first batch "
+        f"{ceiling.first_batch_s * 1000:,.0f} ms, later ones {ceiling.batch_s * 1000:,.0f} ms)"
+    )
     del tensors
     if device.startswith("cuda") and torch.cuda.is_available():
         # What the allocator kept for the model ceiling's batches (it reserves more than it allocates).

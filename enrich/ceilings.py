@@ -12,6 +12,7 @@ import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,13 +62,21 @@ def decode_ceiling(
     return len(blobs) / seconds, tensors
 
 
-def model_ceiling(model: Model, tensors: list[torch.Tensor], *, batch_size: int) -> float:
+@dataclass(frozen=True)
+class ModelCeiling:
+    rate: float  # images/s over the timed batches
+    first_batch_s: float  # the untimed first batch: in a fresh process, with the one-time costs
+    batch_s: float  # a timed batch, on average
+
+
+def model_ceiling(model: Model, tensors: list[torch.Tensor], *, batch_size: int) -> ModelCeiling:
     """Images/s of the model's part of a batch: collating the decoded images into one input on the device
     (with the upscale, where the decoders leave it to the device) and the forward pass."""
     chunks = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
-    model.predict(model.collate(chunks[0]))  # warm-up: kernels, autotuning, allocator
+    # Untimed for the rate: kernels load, the allocator grows (what the worker's warm-up pays at start).
+    first = _timed(lambda: model.predict(model.collate(chunks[0])))
     seconds = _timed(lambda: [model.predict(model.collate(chunk)) for chunk in chunks])
-    return len(tensors) / seconds
+    return ModelCeiling(rate=len(tensors) / seconds, first_batch_s=first, batch_s=seconds / len(chunks))
 
 
 def main() -> None:
@@ -99,8 +108,11 @@ def main() -> None:
         rate, tensors = decode_ceiling(decoder, blobs, threads=args.processes)
         print(f"{folder.name}: decode {rate:,.1f} images/s ({args.processes} processes)")
         for batch_size in args.batch_size:
-            rate = model_ceiling(model, tensors, batch_size=batch_size)
-            print(f"{folder.name}: model {rate:,.1f} images/s (batch {batch_size}, {model.device})")
+            ceiling = model_ceiling(model, tensors, batch_size=batch_size)
+            print(
+                f"{folder.name}: model {ceiling.rate:,.1f} images/s (batch {batch_size}, {model.device}; "
+                f"first batch {ceiling.first_batch_s * 1000:,.0f} ms, then {ceiling.batch_s * 1000:,.0f} ms)"
+            )
         if torch.cuda.is_available():
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
     decoder.close()

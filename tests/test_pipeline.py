@@ -25,7 +25,7 @@ from worker.batcher import MicroBatcher
 from worker.device import ForkedCudaError, resolve_device
 from worker.local_run import plan, run_local
 from worker.pipeline import Job, Model, Pipeline
-from worker.runtime import build_pipeline, load_model
+from worker.runtime import WorkerRuntime, build_pipeline, load_model
 from worker.storage import LocalStore, S3Store
 
 
@@ -136,6 +136,32 @@ class ExplodingModel:
         if bool(poisoned.any()):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return self._model.predict(batch)  # type: ignore[attr-defined]
+
+
+class RecordingModel:
+    """Wraps a real model; records the size of every batch it predicts."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self.name, self.version, self.preprocessing = model.name, model.version, model.preprocessing
+        self.upscales_on_device, self.collate = model.upscales_on_device, model.collate
+        self.batches: list[int] = []
+
+    def predict(self, batch):  # type: ignore[no-untyped-def]
+        self.batches.append(len(batch))
+        return self._model.predict(batch)
+
+
+def test_a_worker_runs_one_full_batch_through_its_model_before_it_takes_jobs(settings: Settings) -> None:
+    # The first pass of a process pays one-time costs (kernels load, the allocator grows): paid at start,
+    # not by the first images after a scale-up. Not counted as serving, and nothing is written.
+    model = RecordingModel(load_model(settings))
+    runtime = WorkerRuntime.build(settings, model=model)
+    try:
+        assert model.batches == [settings.batch_size]
+        assert runtime.metrics.forward_passes._value.get() == 0
+    finally:
+        runtime.close()
 
 
 def test_a_poison_image_fails_alone_its_batch_mates_succeed(

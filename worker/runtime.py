@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import time
 from dataclasses import dataclass
+
+import torch
+from PIL import Image
 
 from schema.db import make_engine, make_session_factory
 from schema.settings import Settings
 from worker.batcher import MicroBatcher
+from worker.decode import decode_to_input
 from worker.image_pool import ImagePool
 from worker.metrics import WorkerMetrics
 from worker.pipeline import Model, Pipeline
 from worker.storage import ObjectStore, S3Store
+
+log = logging.getLogger(__name__)
 
 
 def load_model(settings: Settings) -> Model:
@@ -25,6 +34,25 @@ def use_model_threads(settings: Settings) -> None:
     import torch
 
     torch.set_num_threads(settings.effective_model_threads)
+
+
+def warm_up(model: Model, batch_size: int) -> float:
+    """Run one full batch of a blank catalogue photo through the serving path (decode, collate, forward
+    pass, caption loop) before the worker takes jobs; returns its seconds. The first pass of a process pays
+    one-time costs (the device's kernels and libraries load on first use, the allocator grows, the upscale's
+    weights are built): without this, the first images after a scale-up wait for them."""
+    photo = io.BytesIO()
+    Image.new("RGB", (60, 80), (200, 200, 200)).save(photo, "JPEG")
+    decoded = decode_to_input(
+        photo.getvalue(),
+        pre=model.preprocessing,
+        max_pixels=60 * 80,
+        defer_upscale=model.upscales_on_device,
+    )
+    pixels = torch.from_numpy(decoded.pixels)
+    started = time.perf_counter()
+    model.predict(model.collate([pixels] * batch_size))
+    return time.perf_counter() - started
 
 
 # The worker's statements are one batch's lookup or upsert (milliseconds); one still running after this
@@ -72,9 +100,15 @@ class WorkerRuntime:
     @classmethod
     def build(cls, settings: Settings, *, model: Model | None = None) -> WorkerRuntime:
         metrics = WorkerMetrics()
+        model = model or load_model(settings)
+        log.info(
+            "model warm-up: %.2f s for a batch of %d",
+            warm_up(model, settings.batch_size),
+            settings.batch_size,
+        )
         pipeline = build_pipeline(
             settings,
-            model=model or load_model(settings),
+            model=model,
             store=S3Store.from_settings(settings),
             metrics=metrics,
         )
