@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 # A database that stops answering without closing the connection (a partition, a failed-over host) would
@@ -22,10 +23,25 @@ _POSTGRES_CONNECT_ARGS = {
 }
 
 
+def supported_url(text: str) -> URL:
+    """The URL of a database the service can use: PostgreSQL or SQLite. `postgres://`, the scheme many
+    hosting platforms hand out, is PostgreSQL; anything else is refused here with the two that work, rather
+    than failing later on a missing driver or on PostgreSQL's connection options."""
+    url = make_url(text)
+    if url.drivername == "postgres":
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise ArgumentError(
+            f"{url.get_backend_name()} is not supported: use postgresql+psycopg://USER:PASSWORD@HOST/DB "
+            "or sqlite:///FILE"
+        )
+    return url
+
+
 def make_engine(database_url: str, *, statement_timeout_s: float | None = None) -> Engine:
     """statement_timeout_s: the server cancels any statement of this engine that runs longer (None: no
     limit, for migrations and operators' queries)."""
-    url = make_url(database_url)
+    url = supported_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)

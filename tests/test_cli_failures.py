@@ -44,6 +44,19 @@ def test_a_database_that_is_down_missing_or_unmigrated_is_one_line(tmp_path: Pat
     assert "run `enrich db upgrade` first" in _fails_in_one_line(unmigrated, "query", "--status", "failed")
 
 
+def test_a_database_url_of_an_unsupported_kind_is_one_line_and_postgres_scheme_is_postgresql(
+    postgres_url: str,
+) -> None:
+    # A MySQL URL ended in a ModuleNotFoundError traceback (no driver; PostgreSQL's connect options either).
+    mysql = Settings(database_url="mysql://root@127.0.0.1/test")
+    said = _fails_in_one_line(mysql, "query")
+    assert "ENRICH_DATABASE_URL: mysql is not supported: use postgresql+psycopg://" in said
+    # postgres://, as hosting platforms write it, is PostgreSQL ("Can't load plugin" before).
+    heroku_style = Settings(database_url=postgres_url.replace("postgresql+psycopg://", "postgres://", 1))
+    assert heroku_style.database_url.startswith("postgres://")
+    assert enrich_cli(heroku_style, "db", "upgrade").returncode == 0
+
+
 def test_a_missing_bucket_an_s3_server_down_and_a_bad_url_are_one_line(settings: Settings) -> None:
     said = _fails_in_one_line(settings, "ingest", "backfill", "s3://enrich-no-such-bucket/photos")
     assert "S3 NoSuchBucket" in said
