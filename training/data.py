@@ -207,11 +207,17 @@ def read_catalogue(data_dir: Path, *, check_images: bool = True) -> tuple[list[I
 
 
 def stratified_split(
-    items: list[Item], *, val_fraction: float, seed: int, force_val: Iterable[str] = ()
+    items: list[Item],
+    *,
+    val_fraction: float,
+    seed: int,
+    force_val: Iterable[str] = (),
+    force_train: Iterable[str] = (),
 ) -> tuple[list[Item], list[Item]]:
     """Deterministic split stratified by articleType: round(val_fraction * n) of each class with at least two
     items (classes of one item stay in training), chosen by a seeded shuffle of the ids in sorted order.
-    Ids in `force_val` always go to validation (e.g. the products of an evaluation set)."""
+    Ids in `force_val` always go to validation (e.g. the products of an evaluation set), those in
+    `force_train` never (e.g. what the bundle a run starts from trained on: validation must be unseen)."""
     forced = set(force_val)
     by_class: dict[str, list[Item]] = defaultdict(list)
     for it in sorted(items, key=lambda x: int(x.id)):
@@ -223,7 +229,7 @@ def stratified_split(
         order = rng.permutation(len(members))
         n_val = round(val_fraction * len(members)) if len(members) >= 2 else 0
         val_ids.update(members[i].id for i in order[:n_val])
-    val_ids |= forced & {it.id for it in items}
+    val_ids = (val_ids | (forced & {it.id for it in items})) - set(force_train)
     train = [it for it in items if it.id not in val_ids]
     val = [it for it in items if it.id in val_ids]
     return train, val

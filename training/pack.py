@@ -31,18 +31,23 @@ class SplitRecipe:
     val_fraction: float = 0.12
     seed: int = 0
     force_val_ids: tuple[str, ...] = ()
+    force_train_ids: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "val_fraction": self.val_fraction,
             "seed": self.seed,
             "force_val_ids": list(self.force_val_ids),
+            "force_train_ids": list(self.force_train_ids),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitRecipe:
         return cls(
-            float(d["val_fraction"]), int(d["seed"]), tuple(str(x) for x in d.get("force_val_ids", ()))
+            float(d["val_fraction"]),
+            int(d["seed"]),
+            tuple(str(x) for x in d.get("force_val_ids", ())),
+            tuple(str(x) for x in d.get("force_train_ids", ())),
         )
 
 
@@ -95,7 +100,11 @@ def split_catalogue(
     if limit:
         items = sorted(items, key=lambda it: int(it.id))[:limit]
     train, val = stratified_split(
-        items, val_fraction=split.val_fraction, seed=split.seed, force_val=split.force_val_ids
+        items,
+        val_fraction=split.val_fraction,
+        seed=split.seed,
+        force_val=split.force_val_ids,
+        force_train=split.force_train_ids,
     )
     return train, val, report
 

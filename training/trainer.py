@@ -37,6 +37,7 @@ from training.tensors import (
     decode_images,
     decoder_inputs,
 )
+from training.warm_start import WarmStart, warm_start
 from worker.model.bundle import EnrichModel, RawOutput, save_bundle
 from worker.model.config import CONFIG_NAME, BundleConfig, DecoderConfig, PreprocessConfig
 from worker.model.network import EnrichNet, create_model
@@ -57,6 +58,10 @@ class Recipe:
     detail_size: tuple[int, int] | None = (80, 60)
     epochs: int = 30
     batch_size: int = 256
+    # Images per forward/backward pass; their gradients add up to one step of batch_size. 0: the whole
+    # batch on a GPU, 32 on a CPU, where a batch of 256 lite2 images at 256x192 needs ~29 GB (4.6 GB at 32,
+    # measured peak RSS) and was killed for memory on a 24 GB machine.
+    micro_batch_size: int = 0
     lr: float = 2e-3  # new layers (heads, decoder); the pretrained backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.5
     weight_decay: float = 0.05
@@ -81,6 +86,7 @@ class Recipe:
     threshold_cap: float = 0.5  # ... but never require more than this confidence
     weights_dtype: str = "float16"
     pretrained: bool = True
+    init_from: str | None = None  # a bundle to start from instead of ImageNet (training/warm_start.py)
     seed: int = 0
     max_minutes: float | None = None  # if the epochs would take longer, fewer are run (schedule rescaled)
 
@@ -318,7 +324,11 @@ def train(
     va_targets = build_targets(val_items, labels, codec, recipe.max_tokens)
 
     net = create_model(config, codec.vocab_size, drop_path_rate=recipe.drop_path_rate)
-    if recipe.pretrained:
+    started_from: WarmStart | None = None
+    if recipe.init_from:
+        started_from = warm_start(net, config, codec, Path(recipe.init_from))
+        say(started_from.summary())
+    elif recipe.pretrained:
         load_imagenet(net.backbone, recipe.backbone, backbone_weights)
     net = net.to(dev)
     if cuda:
@@ -342,6 +352,7 @@ def train(
     opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.99), fused=cuda)
     n = len(tr_images)
     bs = min(recipe.batch_size, n)
+    micro = min(recipe.micro_batch_size or (bs if cuda else 32), bs)
     steps_per_epoch = max(1, n // bs)
     epochs = recipe.epochs
     warmup = max(1, round(recipe.warmup_epochs * steps_per_epoch))
@@ -361,23 +372,25 @@ def train(
                 idx = perm[i * bs : (i + 1) * bs]
                 for g in opt.param_groups:
                     g["lr"] = recipe.lr * g["lr_scale"] * _lr_factor(step, warmup, epochs * steps_per_epoch)
-                x = tr_images[idx]
-                x = augment(x, gen=gen) if recipe.augment else x.float()
-                x = normalize(x, pre)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, torch.bfloat16, enabled=cuda):
-                    head_loss, cap_loss = _losses(net, x, idx, tr_t, class_w, codec, recipe)
-                loss = head_loss + recipe.caption_weight * cap_loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for part in idx.split(micro):
+                    x = tr_images[part]
+                    x = augment(x, gen=gen) if recipe.augment else x.float()
+                    x = normalize(x, pre)
+                    if cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(dev.type, torch.bfloat16, enabled=cuda):
+                        head_loss, cap_loss = _losses(net, x, part, tr_t, class_w, codec, recipe)
+                    # Each part's mean loss, weighted by its share of the batch: the batch's mean.
+                    share = len(part) / len(idx)
+                    ((head_loss + recipe.caption_weight * cap_loss) * share).backward()
+                    sums += torch.stack([head_loss.detach(), cap_loss.detach()]) * share
                 if recipe.grad_clip:
                     torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip, foreach=True)
                 opt.step()
                 decay = min(recipe.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_state, net_state, 1 - decay)
-                sums += torch.stack([head_loss.detach(), cap_loss.detach()])
                 step += 1
                 progress.advance(task)
             means = (sums / steps_per_epoch).tolist()
@@ -445,6 +458,7 @@ def train(
         "total_seconds": round(time.time() - t_start, 1),
         "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "init_from": started_from.to_dict() if started_from else None,
         "n_train": len(train_items),
         "n_val": len(val_items),
         "history": history,
