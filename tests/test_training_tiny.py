@@ -377,16 +377,14 @@ def test_a_run_started_from_a_bundle_of_the_same_catalogue_validates_on_images_n
         seed=1,
         epochs=1,
         batch_size=32,
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        d_ff=64,
-        max_tokens=8,
         device="cpu",
         decode_workers=1,
     )
-    # ... but they stay in training, and `enrich evaluate --split val` redoes the same split from the bundle.
-    recorded = json.loads((out / "config.json").read_text())["data"]["split"]
+    config = json.loads((out / "config.json").read_text())
+    # The architecture is the bundle's (input size, decoder), not the command's defaults ...
+    assert config["preprocessing"]["input_size"] == [64, 48] and config["decoder"]["d_model"] == 32
+    # ... the images it trained on stay in training, and `enrich evaluate --split val` redoes that split.
+    recorded = config["data"]["split"]
     assert set(recorded["force_train_ids"]) == start_train
     val = {it.id for it in split_catalogue(root, SplitRecipe.from_dict(recorded))[1]}
     assert val and not val & start_train and len(val) == recorded["n_val"]

@@ -65,7 +65,8 @@ def train_command(
     micro_batch_size: Annotated[
         int,
         typer.Option(
-            help="Images per forward/backward pass, summed into one step (0: all on a GPU, 32 on a CPU)."
+            min=0,
+            help="Images per forward/backward pass, summed into one step (0: all on a GPU, 32 on a CPU).",
         ),
     ] = 0,
     lr: float = 2e-3,
@@ -90,11 +91,19 @@ def train_command(
     max_minutes: Annotated[
         float | None, typer.Option(help="Run fewer epochs if these would take longer.")
     ] = None,
-    d_model: int = 384,
-    n_layers: int = 3,
-    n_heads: int = 6,
-    d_ff: int = 1536,
-    max_tokens: int = 16,
+    d_model: Annotated[
+        int | None, typer.Option(help="Decoder width (default: 384, or --init-from's).")
+    ] = None,
+    n_layers: Annotated[
+        int | None, typer.Option(help="Decoder layers (default: 3, or --init-from's).")
+    ] = None,
+    n_heads: Annotated[int | None, typer.Option(help="Decoder heads (default: 6, or --init-from's).")] = None,
+    d_ff: Annotated[
+        int | None, typer.Option(help="Decoder MLP width (default: 1536, or --init-from's).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Title tokens at most (default: 16, or --init-from's).")
+    ] = None,
     name: str = "enrich-lite0",
     version: str = "1.0.0",
     weights_dtype: str = "float16",
@@ -110,12 +119,13 @@ def train_command(
     from training.report import write_report
     from training.trainer import Recipe, train
     from training.warm_start import trained_on
+    from worker.model.config import BundleConfig
 
     command = _command_line()
-    detail_size: tuple[int, int] | None = (80, 60)
+    # Architecture not given on the command line: the bundle's it starts from, else the recipe's defaults.
+    defaults = Recipe()
+    size, detail_size, decoder = defaults.input_size, defaults.detail_size, defaults.decoder()
     if init_from is not None:
-        from worker.model.config import BundleConfig
-
         try:
             start = BundleConfig.read(init_from)
         except (OSError, ValueError, KeyError) as error:
@@ -123,9 +133,11 @@ def train_command(
         if backbone not in (None, start.backbone):
             _fail(f"--init-from {init_from} has a {start.backbone} backbone, not {backbone}")
         backbone = start.backbone
-        if input_size is None:
-            input_size = "x".join(map(str, start.preprocessing.input_size))
-        detail_size = start.preprocessing.detail_size
+        size, detail_size, decoder = (
+            start.preprocessing.input_size,
+            start.preprocessing.detail_size,
+            start.decoder,
+        )
     try:
         if is_pack(data_dir):
             dataset = open_pack(data_dir)
@@ -161,8 +173,8 @@ def train_command(
     recipe = Recipe(
         name=name,
         version=version,
-        backbone=backbone or "tf_efficientnet_lite0",
-        input_size=_size(input_size or "256x192"),
+        backbone=backbone or defaults.backbone,
+        input_size=_size(input_size) if input_size else size,
         detail_size=detail_size,
         epochs=epochs,
         batch_size=batch_size,
@@ -172,11 +184,11 @@ def train_command(
         pretrained=pretrained,
         init_from=str(init_from) if init_from else None,
         max_minutes=max_minutes,
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_ff=d_ff,
-        max_tokens=max_tokens,
+        d_model=d_model or decoder.d_model,
+        n_layers=n_layers or decoder.n_layers,
+        n_heads=n_heads or decoder.n_heads,
+        d_ff=d_ff or decoder.d_ff,
+        max_tokens=max_tokens or decoder.max_tokens,
         weights_dtype=weights_dtype,
         class_weight_power=class_weight_power,
         decoder_dropout=decoder_dropout,
