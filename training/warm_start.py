@@ -103,6 +103,13 @@ def warm_start(net: EnrichNet, config: BundleConfig, codec: TitleCodec, bundle: 
     )
 
 
+def bundle_words(bundle: Path) -> list[str]:
+    """The words of a bundle's title vocabulary, in id order."""
+    config = BundleConfig.read(bundle)
+    vocabulary = TitleCodec.from_json(config.tokenizer_json(bundle)).tokenizer.get_vocab()
+    return sorted(vocabulary, key=vocabulary.__getitem__)
+
+
 def trained_on(start: BundleConfig, items: list[Item]) -> set[str]:
     """The ids among `items` that the bundle `start` trained on, where they are the catalogue it was trained
     on (its recorded split, redone here, gives its recorded training fingerprint); empty for any other

@@ -24,6 +24,16 @@ def train_tokenizer(titles: Iterable[str], *, min_frequency: int = 2, vocab_size
     return tok
 
 
+def with_words(tokenizer: Tokenizer, words: Iterable[str]) -> Tokenizer:
+    """The tokenizer with `words` it lacks added after its own (the ids of its own words unchanged)."""
+    vocab = dict(tokenizer.get_vocab())
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    extended = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    extended.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return extended
+
+
 class TitleCodec:
     """Encodes titles to fixed-length id rows and decodes generated ids back to text."""
 
