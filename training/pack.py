@@ -93,19 +93,26 @@ def _info(
     }
 
 
-def split_catalogue(
-    data_dir: Path, split: SplitRecipe, *, limit: int | None = None
-) -> tuple[list[Item], list[Item], ReadReport]:
-    items, report = read_catalogue(data_dir)
+def split_items(
+    items: list[Item], split: SplitRecipe, *, limit: int | None = None
+) -> tuple[list[Item], list[Item]]:
+    """(train, validation) of a catalogue's items by a split recipe; `limit`: the first N by id only."""
     if limit:
         items = sorted(items, key=lambda it: int(it.id))[:limit]
-    train, val = stratified_split(
+    return stratified_split(
         items,
         val_fraction=split.val_fraction,
         seed=split.seed,
         force_val=split.force_val_ids,
         force_train=split.force_train_ids,
     )
+
+
+def split_catalogue(
+    data_dir: Path, split: SplitRecipe, *, limit: int | None = None
+) -> tuple[list[Item], list[Item], ReadReport]:
+    items, report = read_catalogue(data_dir)
+    train, val = split_items(items, split, limit=limit)
     return train, val, report
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from schema.results import HEAD_FIELDS
-from training.data import Item, fingerprint, stratified_split
-from training.pack import SplitRecipe
+from training.data import Item, fingerprint
+from training.pack import SplitRecipe, split_items
 from worker.model.bundle import build_from_bundle
 from worker.model.config import BundleConfig
 from worker.model.network import EnrichNet
@@ -118,14 +118,5 @@ def trained_on(start: BundleConfig, items: list[Item]) -> set[str]:
     recorded = start.data.get("split")
     if not isinstance(recorded, dict) or not start.data.get("fingerprint_train"):
         return set()
-    recipe = SplitRecipe.from_dict(recorded)
-    limit = recorded.get("limit")
-    rows = sorted(items, key=lambda it: int(it.id))[:limit] if limit else items
-    train, _ = stratified_split(
-        rows,
-        val_fraction=recipe.val_fraction,
-        seed=recipe.seed,
-        force_val=recipe.force_val_ids,
-        force_train=recipe.force_train_ids,
-    )
+    train, _ = split_items(items, SplitRecipe.from_dict(recorded), limit=recorded.get("limit"))
     return {it.id for it in train} if fingerprint(train) == start.data["fingerprint_train"] else set()
