@@ -425,3 +425,27 @@ def test_a_run_started_from_a_bundle_of_the_same_catalogue_validates_on_images_n
     assert set(recorded["force_train_ids"]) == start_train
     val = {it.id for it in split_catalogue(root, SplitRecipe.from_dict(recorded))[1]}
     assert val and not val & start_train and len(val) == recorded["n_val"]
+
+
+def test_init_from_something_that_is_not_a_usable_bundle_ends_in_one_line(
+    trained: tuple[TrainResult, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import typer
+
+    from training.cli import train_command
+
+    result, root = trained
+    for bundle, backbone, said in (
+        (tmp_path / "no-bundle", None, "not a readable bundle"),
+        (
+            result.bundle,
+            "tf_efficientnet_lite2",
+            "has a tf_efficientnet_lite0 backbone, not tf_efficientnet_lite2",
+        ),
+    ):
+        with pytest.raises(typer.Exit) as ended:
+            train_command(root, out=tmp_path / "b", init_from=bundle, backbone=backbone, epochs=1)
+        assert ended.value.exit_code == 1
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"error: --init-from {bundle}" in out and said in out
+        assert not (tmp_path / "b").exists()
