@@ -11,6 +11,7 @@ import torch
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
+import worker.model.fuse
 from worker.model.bundle import EnrichModel
 from worker.model.fuse import fold_batch_norms, fuse_conv_activations
 from worker.model.network import BACKBONES, create_model
@@ -98,3 +99,27 @@ def test_only_convolutions_the_fused_call_can_express_are_fused() -> None:
         expected = plain(x)
         assert fuse_conv_activations(plain) == 1
         assert torch.allclose(plain(x), expected, atol=1e-6)
+
+
+def test_bf16_is_served_unfused_where_onednn_cannot_convolve_in_bf16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An AVX2-only CPU: oneDNN's fused call raised "bf16 path needs the cpu support avx_ne_convert or
+    # avx512bw, avx512vl and avx512dq" for every batch of an ENRICH_PRECISION=bf16 worker.
+    monkeypatch.setattr(worker.model.fuse, "_onednn_bf16", lambda: False)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6()).eval()
+    assert fuse_conv_activations(plain, torch.bfloat16) == 0
+    assert "bf16 on this CPU" in caplog.text
+    assert fuse_conv_activations(plain, torch.float32) == 1
+
+    torch.manual_seed(0)
+    config = random_config()
+    codec = TitleCodec(train_tokenizer(["Puma Men Black Backpack"], min_frequency=1))
+    net = _with_trained_statistics(create_model(config, codec.vocab_size), seed=3)
+    served = {p: EnrichModel(net, config, codec, torch.device("cpu"), precision=p) for p in ("fp32", "bf16")}
+    assert any(isinstance(m, worker.model.fuse.ConvReLU6) for m in served["fp32"].net.modules())
+    assert not any(isinstance(m, worker.model.fuse.ConvReLU6) for m in served["bf16"].net.modules())
+    batch = torch.randint(0, 256, (2, 3, *config.preprocessing.input_size), dtype=torch.uint8)
+    raw = served["bf16"].infer(batch)  # raised on that CPU; how close bf16 comes: test_shipped_bundle.py
+    assert len(raw.captions) == 2
+    assert all(torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-3) for probs in raw.probs.values())

@@ -107,7 +107,7 @@ class EnrichModel:
         served = copy.deepcopy(net).eval()
         fold_batch_norms(served)
         if device.type == "cpu":
-            fuse_conv_activations(served)
+            fuse_conv_activations(served, torch.bfloat16 if self.bf16 else torch.float32)
         if self.bf16:
             served = served.to(torch.bfloat16)
         # channels_last on every device: 1.7x faster on this CPU too (oneDNN's preferred layout).
