@@ -163,6 +163,9 @@ def test_query_filters_by_attribute_confidence_status_and_prefix(engine: Engine)
     assert keys(min_confidence=0.9) == ["men/a.jpg", "women/c.jpg"]
     assert keys(status="failed") == ["men/bad_%.jpg"]
     assert keys(status="ok", key_prefix="men/") == ["men/a.jpg", "men/b.jpg"]
+    assert keys(status="failed", key_prefix="men/") == keys(status="failed_decode", key_prefix="men/")
+    assert keys(status="failed", key_prefix="men/") == ["men/bad_%.jpg"]
+    assert keys(status="failed", key_prefix="women/") == []
     # '%' and '_' in a prefix are literal characters, not SQL wildcards.
     assert keys(key_prefix="men/bad_%") == ["men/bad_%.jpg"]
     # A hostile value is a bound parameter, never SQL.
