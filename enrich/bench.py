@@ -57,6 +57,7 @@ from worker.image_pool import ImagePool
 from worker.pipeline import Model
 from worker.runtime import build_decoder
 from worker.storage import LocalStore, S3Store
+from worker.supervisor import child_settings
 
 # The stages a worker cannot run faster than: its S3 GETs (fetch threads against the S3 server in use),
 # decoding (its process pool) and the model (forward passes on pre-decoded batches).
@@ -152,6 +153,7 @@ class BenchReport:
     device: str
     batch_size: int
     worker_processes: int = 1
+    model_threads: int = 1  # torch threads of each worker process
     s3_server: str = "moto"
     rates: dict[str, float] = field(default_factory=dict)  # images/s per stage
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -230,9 +232,9 @@ class BenchReport:
                 f"| tightest limit | {self.bound}: {limit:,.0f} images/s (end_to_end reaches {share:.0%}) |"
             )
         if self.worker_cpu_ms is not None:
-            n = self.worker_processes
-            cap = f"{n} process{'es' if n > 1 else ''} at one core each: "
-            cap += f"<= {n * 1000 / self.worker_cpu_ms:,.0f}"
+            n, k = self.worker_processes, self.model_threads
+            cap = f"{n} process{'es' if n > 1 else ''} at {k} core{'s' if k > 1 else ''} each: "
+            cap += f"<= {n * k * 1000 / self.worker_cpu_ms:,.0f}"
             rows.append(f"| worker processes' CPU per image | {self.worker_cpu_ms:.2f} ms ({cap} images/s) |")
         if self.machine_cpu_ms is not None:
             cap = f"{self.cores} cores: <= {self.cores * 1000 / self.machine_cpu_ms:,.0f} images/s"
@@ -643,6 +645,9 @@ def run_bench(
         device=device,
         batch_size=settings.batch_size,
         worker_processes=worker_processes,
+        model_threads=child_settings(
+            settings.model_copy(update={"worker_processes": worker_processes})
+        ).effective_model_threads,
     )
     decoder = build_decoder(settings, model, LocalStore(Path.cwd()))  # only decoding is measured here
     try:

@@ -116,7 +116,7 @@ def run(
     from worker.runtime import use_model_threads
 
     settings = _settings(batch_size=batch_size, device=device, model_bundle=bundle)
-    use_model_threads(settings)
+    use_model_threads(settings, alone=True)
     try:
         # Before the database: a mistyped folder must not leave an empty database file behind.
         store, refs = plan(settings, source)

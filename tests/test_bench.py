@@ -102,6 +102,17 @@ def test_a_phase_with_failed_rows_or_too_slow_uploads_is_marked_invalid_in_the_m
     assert "model (one process" in section and "2 processes at one core each" not in section  # no CPU figure
 
 
+def test_the_worker_cpu_cap_counts_each_processs_model_threads() -> None:
+    # With ENRICH_MODEL_THREADS=2 a worker process ran 19 images/s at 72 ms of CPU per image, past the
+    # "<= 14 images/s" that a cap of one core per process printed (AVX2 EPYC, 2026-12-07).
+    report = BenchReport(
+        label="small", images=8, device="cpu", batch_size=4, worker_processes=2, model_threads=2
+    )
+    report.rates.update({"decode": 50.0, "model": 40.0, "end_to_end": 30.0})
+    report.worker_cpu_ms = 100.0
+    assert "(2 processes at 2 cores each: <= 40 images/s)" in markdown_section([report], "enrich bench")
+
+
 def test_a_row_wait_that_stalls_raises_with_what_arrived() -> None:
     counts = iter([{"ok": 1}, {"ok": 2}] + [{"ok": 2, "failed_decode": 1}] * 1000)
     stack = SimpleNamespace(status_counts=lambda _prefix: next(counts))
