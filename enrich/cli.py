@@ -647,6 +647,10 @@ def _known_failure(error: Exception) -> str | None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
+    from schema.migrate import NewerDatabase
+
+    if isinstance(error, NewerDatabase):
+        return f"database: {error}"
     if isinstance(error, DBAPIError):
         cause = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
         if getattr(error.orig, "sqlstate", None) == "42P01" or "no such table" in cause:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from schema.db import make_engine
 
@@ -20,20 +22,33 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+class NewerDatabase(RuntimeError):
+    """The database was migrated by a newer enrich than this one (a deployment rolled back)."""
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
     engine = make_engine(database_url)
     try:
         with engine.begin() as connection:
             config = alembic_config(database_url)
             config.attributes["connection"] = connection
+            _refuse_a_newer_database(config, MigrationContext.configure(connection).get_current_revision())
             command.upgrade(config, revision)
     finally:
         engine.dispose()
 
 
-def current_revision(database_url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+def _refuse_a_newer_database(config: Config, current: str | None) -> None:
+    # Alembic's own answer is a traceback ending in "Can't locate revision identified by '0006'".
+    scripts = ScriptDirectory.from_config(config)
+    if current is not None and current not in {script.revision for script in scripts.walk_revisions()}:
+        raise NewerDatabase(
+            f"the database is at migration {current}, which this enrich does not know (its newest is "
+            f"{scripts.get_current_head()}): a newer enrich migrated it; run that version or another database"
+        )
 
+
+def current_revision(database_url: str) -> str | None:
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:

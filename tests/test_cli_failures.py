@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def test_a_database_that_is_down_missing_or_unmigrated_is_one_line(tmp_path: Pat
 
     unmigrated = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
     assert "run `enrich db upgrade` first" in _fails_in_one_line(unmigrated, "query", "--status", "failed")
+
+    # A deployment rolled back over a database that a newer enrich migrated: its migration job said
+    # "Can't locate revision identified by '0099'" at the end of a traceback.
+    newer = Settings(database_url=f"sqlite:///{tmp_path / 'newer.db'}")
+    enrich_cli(newer, "db", "upgrade")
+    with sqlite3.connect(tmp_path / "newer.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")
+    said = _fails_in_one_line(newer, "db", "upgrade")
+    assert "database is at migration 0099, which this enrich does not know" in said, said
 
 
 def test_a_database_url_of_an_unsupported_kind_is_one_line_and_postgres_scheme_is_postgresql(
