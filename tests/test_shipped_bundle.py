@@ -43,9 +43,13 @@ def test_every_serving_form_of_the_shipped_model_predicts_unseen_photos_alike(
     held_out: tuple[list[Item], torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     items, batch = held_out
-    forms = {"fp32, fused (CPU)": _serve("fp32"), "bf16, fused (CPU)": _serve("bf16")}
-    monkeypatch.setattr(worker.model.fuse, "_pointwise_conv_available", lambda: False)
-    cuda_form = forms["bf16, folded only (as on CUDA)"] = _serve("bf16")
+    forms = {"fp32, fused (CPU)": _serve("fp32"), "bf16 (CPU)": _serve("bf16")}
+    if any(isinstance(m, worker.model.fuse.ConvReLU6) for m in forms["bf16 (CPU)"].net.modules()):
+        monkeypatch.setattr(worker.model.fuse, "_pointwise_conv_available", lambda: False)
+        forms["bf16, folded only (as on CUDA)"] = _serve("bf16")
+    # else oneDNN has no bf16 on this CPU (AVX2), and its bf16 form is the CUDA form already: running it
+    # twice cost a minute there, at 1.5 images/s.
+    cuda_form = forms.get("bf16, folded only (as on CUDA)", forms["bf16 (CPU)"])
     assert not any(
         isinstance(m, nn.BatchNorm2d | worker.model.fuse.ConvReLU6) for m in cuda_form.net.modules()
     )
@@ -58,10 +62,10 @@ def test_every_serving_form_of_the_shipped_model_predicts_unseen_photos_alike(
             right = sum(p == it.labels[field] for p, it in zip(predicted, items, strict=True))
             assert right / len(items) >= floor, (name, field, right)  # 86 / 86 / 93 of 96 here
     # bf16 against float32: the same classes (titles, long greedy chains, may part after a word or two) ...
-    fp32, bf16 = outputs["fp32, fused (CPU)"], outputs["bf16, fused (CPU)"]
+    fp32, bf16 = outputs["fp32, fused (CPU)"], outputs["bf16 (CPU)"]
     assert (fp32.best["articleType"] == bf16.best["articleType"]).float().mean() >= 0.95
     # ... and the CUDA form against the CPU's bf16 form: the same arithmetic up to kernel rounding.
-    cuda = outputs["bf16, folded only (as on CUDA)"]
+    cuda = outputs.get("bf16, folded only (as on CUDA)", bf16)
     assert (cuda.best["articleType"] == bf16.best["articleType"]).float().mean() >= 0.97
     assert sum(a == b for a, b in zip(cuda.captions, bf16.captions, strict=True)) / len(items) >= 0.9
 
