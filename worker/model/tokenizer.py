@@ -14,9 +14,14 @@ PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)  # ids 0..3, in this order
 
 
-def train_tokenizer(titles: Iterable[str], *, min_frequency: int = 2, vocab_size: int = 20000) -> Tokenizer:
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+def _word_level(vocab: dict[str, int] | None = None) -> Tokenizer:
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def train_tokenizer(titles: Iterable[str], *, min_frequency: int = 2, vocab_size: int = 20000) -> Tokenizer:
+    tok = _word_level()
     trainer = trainers.WordLevelTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS)
     )
@@ -29,9 +34,7 @@ def with_words(tokenizer: Tokenizer, words: Iterable[str]) -> Tokenizer:
     vocab = dict(tokenizer.get_vocab())
     for word in words:
         vocab.setdefault(word, len(vocab))
-    extended = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    extended.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return extended
+    return _word_level(vocab)
 
 
 class TitleCodec:
