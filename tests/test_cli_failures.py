@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from sqlalchemy import Engine
 
 from schema.results import ObjectRef, Status
 from schema.settings import Settings
-from tests.conftest import REDIS_URL, enrich_cli, sample_jpegs
+from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, enrich_cli, sample_jpegs
 from tests.test_repository import failed_result, write
 from worker.storage import FetchError, LocalStore
 
@@ -46,12 +47,19 @@ def test_a_database_that_is_down_missing_or_unmigrated_is_one_line(tmp_path: Pat
 
     # A deployment rolled back over a database that a newer enrich migrated: its migration job said
     # "Can't locate revision identified by '0099'" at the end of a traceback.
-    newer = Settings(database_url=f"sqlite:///{tmp_path / 'newer.db'}")
-    enrich_cli(newer, "db", "upgrade")
-    with sqlite3.connect(tmp_path / "newer.db") as db:
-        db.execute("UPDATE alembic_version SET version_num = '0099'")
-    said = _fails_in_one_line(newer, "db", "upgrade")
-    assert "database is at migration 0099, which this enrich does not know" in said, said
+    name = f"enrich_newer_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        newer = Settings(database_url=postgres_url.rsplit("/", 1)[0] + f"/{name}")
+        enrich_cli(newer, "db", "upgrade")
+        with psycopg.connect(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", autocommit=True) as db:
+            db.execute("UPDATE alembic_version SET version_num = '0099'")
+        said = _fails_in_one_line(newer, "db", "upgrade")
+        assert "database is at migration 0099, which this enrich does not know" in said, said
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_database_url_of_an_unsupported_kind_is_one_line_and_postgres_scheme_is_postgresql(
