@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 import torch
+from celery.contrib.testing.worker import start_worker
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -181,22 +182,24 @@ def test_a_batch_behind_a_lock_ends_as_a_database_retry_instead_of_wedging_the_w
     assert (outcomes[0].retry_reason or "").startswith("database: OperationalError")
 
 
+class BrokenBatcher:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def submit(self, job: Job) -> object:
+        self.calls += 1
+        raise RuntimeError("the batch loop is broken")
+
+
 def test_a_worker_that_fails_every_attempt_records_failed_worker_and_stops(
     settings: Settings, pg_engine: Engine
 ) -> None:
     """The Celery task: a failure outside the pipeline's errors-as-values spends the image's attempts
     (run eagerly, each retry is executed at once), and the last one records why, instead of looping."""
-
-    class BrokenBatcher:
-        calls = 0
-
-        def submit(self, job: Job) -> object:
-            BrokenBatcher.calls += 1
-            raise RuntimeError("the batch loop is broken")
-
     settings = in_process_settings(settings).model_copy(update={"max_attempts": 3})
     pipeline = build_pipeline(settings, model=load_model(settings), store=OnePhotoStore())
-    runtime = WorkerRuntime(pipeline=pipeline, batcher=BrokenBatcher(), metrics=pipeline.metrics)  # type: ignore[arg-type]
+    batcher = BrokenBatcher()
+    runtime = WorkerRuntime(pipeline=pipeline, batcher=batcher, metrics=pipeline.metrics)  # type: ignore[arg-type]
     app = make_worker_app(settings, runtime)
     app.conf.task_always_eager = True
     app.conf.task_eager_propagates = False
@@ -205,10 +208,35 @@ def test_a_worker_that_fails_every_attempt_records_failed_worker_and_stops(
         result = app.tasks["enrich.object"].apply(args=[message])
     finally:
         pipeline.close()
-    assert BrokenBatcher.calls == 3
+    assert batcher.calls == 3
     assert result.get()["status"] == "failed_worker"
     row = rows_by_key(pg_engine)["a.jpg"]
     assert row.status == "failed_worker" and "gave up after 3 attempts" in (row.error or "")
+
+
+def test_a_queued_job_the_worker_fails_every_time_spends_its_attempts_across_both_consuming_paths(
+    settings: Settings, pg_engine: Engine
+) -> None:
+    """The same through a real worker on the Redis queue: the fresh message is handed to the batcher by
+    the batching strategy, its retries (held for their countdown) run through Celery's pool; both count
+    the image's attempts, the last records why, and every message is acknowledged."""
+    settings = in_process_settings(settings).model_copy(update={"max_attempts": 3})
+    pipeline = build_pipeline(settings, model=load_model(settings), store=OnePhotoStore())
+    batcher = BrokenBatcher()
+    runtime = WorkerRuntime(pipeline=pipeline, batcher=batcher, metrics=pipeline.metrics)  # type: ignore[arg-type]
+    app = make_worker_app(settings, runtime)
+    try:
+        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False):
+            JobPublisher(settings).publish([ObjectRef("shop", "a.jpg", etag="e1")])
+            # Countdowns of 1 s then 2 s before the second and third attempts.
+            wait_for(lambda: "a.jpg" in rows_by_key(pg_engine), timeout=30, what="the failed_worker row")
+            wait_for(lambda: unacked_for(settings.queue) == 0, timeout=10, what="every message acknowledged")
+    finally:
+        pipeline.close()
+    assert batcher.calls == 3
+    row = rows_by_key(pg_engine)["a.jpg"]
+    assert row.status == "failed_worker" and "gave up after 3 attempts" in (row.error or "")
+    assert redis.Redis.from_url(settings.broker_url).llen(settings.queue) == 0
 
 
 def test_a_worker_writes_the_batch_mates_of_a_key_no_row_can_hold(
