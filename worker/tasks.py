@@ -2,10 +2,10 @@
 
 A fresh message skips Celery's task pool. The task's strategy (the function Celery calls for each message
 it receives) hands the image straight to the micro-batcher, and the batch's callback acks the message once
-its row is committed. Through the pool, every image in flight held a thread blocked on its batch, and the
-threads' hand-offs cost the worker more CPU per image than the whole pipeline (docs/benchmarks.md). A
-message Celery must hold or may refuse (a retry's countdown, an expiry, a revoke, a malformed body) goes
-Celery's default way instead: through the pool into the task function, which settles it by the same rules.
+its row is committed. Through the pool, every image in flight held a thread blocked on its batch, which
+cost about a fifth of the worker's CPU per image (docs/benchmarks.md, session 14). A message Celery must
+hold or may refuse (a retry's countdown, an expiry, a revoke, a malformed body) goes Celery's default way
+instead: through the pool into the task function, which settles it by the same rules.
 """
 
 from __future__ import annotations
