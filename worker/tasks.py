@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from celery import Celery, Task, bootsteps
@@ -115,22 +116,19 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     settler = Settler(settings, runtime)
     unsettled = Unsettled()
 
-    def batching_strategy(task: Task, app: Celery, consumer: Any, **kwargs: Any) -> Callable[..., None]:
-        return _batching_strategy(task, app, consumer, settler, unsettled, **kwargs)
-
     # max_retries=None: Celery never gives up on its own. A retry that reached Celery's limit would raise
     # the task's error instead, and Celery acks a task that raises, dropping the job without a row: free
     # retries would be capped too (`retry(max_retries=None)` means "the task's default", not "unlimited").
     # The image's own attempts are limited by the pipeline, which records a failed row on the last one.
     # shared=False: the task closes over this runtime; Celery would otherwise add it to every app made later
     # in the process (a test's next app got the previous runtime's task).
-    # staticmethod: Celery reads the strategy off the task instance, which would bind a plain function.
     @app.task(
         name=ENRICH_TASK_NAME,
         bind=True,
         max_retries=None,
         shared=False,
-        Strategy=staticmethod(batching_strategy),
+        # A partial, not a function: Celery reads it off the task instance, which would bind a function.
+        Strategy=partial(batching_strategy, settler=settler, unsettled=unsettled),
     )
     def enrich_object(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         job = settler.job(message)
@@ -157,8 +155,8 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     return app
 
 
-def _batching_strategy(
-    task: Task, app: Celery, consumer: Any, settler: Settler, unsettled: Unsettled, **kwargs: Any
+def batching_strategy(
+    task: Task, app: Celery, consumer: Any, *, settler: Settler, unsettled: Unsettled, **kwargs: Any
 ) -> Callable[..., None]:
     through_pool = default_strategy(task, app, consumer, **kwargs)
     revoked = consumer.controller.state.revoked
