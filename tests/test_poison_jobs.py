@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 import torch
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
@@ -191,16 +192,21 @@ class BrokenBatcher:
         raise RuntimeError("the batch loop is broken")
 
 
+def broken_worker_app(settings: Settings) -> tuple[Celery, Pipeline, BrokenBatcher]:
+    """The worker's Celery app over a batcher that fails every job, three attempts per image."""
+    settings = in_process_settings(settings).model_copy(update={"max_attempts": 3})
+    pipeline = build_pipeline(settings, model=load_model(settings), store=OnePhotoStore())
+    batcher = BrokenBatcher()
+    runtime = WorkerRuntime(pipeline=pipeline, batcher=batcher, metrics=pipeline.metrics)  # type: ignore[arg-type]
+    return make_worker_app(settings, runtime), pipeline, batcher
+
+
 def test_a_worker_that_fails_every_attempt_records_failed_worker_and_stops(
     settings: Settings, pg_engine: Engine
 ) -> None:
     """The Celery task: a failure outside the pipeline's errors-as-values spends the image's attempts
     (run eagerly, each retry is executed at once), and the last one records why, instead of looping."""
-    settings = in_process_settings(settings).model_copy(update={"max_attempts": 3})
-    pipeline = build_pipeline(settings, model=load_model(settings), store=OnePhotoStore())
-    batcher = BrokenBatcher()
-    runtime = WorkerRuntime(pipeline=pipeline, batcher=batcher, metrics=pipeline.metrics)  # type: ignore[arg-type]
-    app = make_worker_app(settings, runtime)
+    app, pipeline, batcher = broken_worker_app(settings)
     app.conf.task_always_eager = True
     app.conf.task_eager_propagates = False
     try:
@@ -220,11 +226,7 @@ def test_a_queued_job_the_worker_fails_every_time_spends_its_attempts_across_bot
     """The same through a real worker on the Redis queue: the fresh message is handed to the batcher by
     the batching strategy, its retries (held for their countdown) run through Celery's pool; both count
     the image's attempts, the last records why, and every message is acknowledged."""
-    settings = in_process_settings(settings).model_copy(update={"max_attempts": 3})
-    pipeline = build_pipeline(settings, model=load_model(settings), store=OnePhotoStore())
-    batcher = BrokenBatcher()
-    runtime = WorkerRuntime(pipeline=pipeline, batcher=batcher, metrics=pipeline.metrics)  # type: ignore[arg-type]
-    app = make_worker_app(settings, runtime)
+    app, pipeline, batcher = broken_worker_app(settings)
     try:
         with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False):
             JobPublisher(settings).publish([ObjectRef("shop", "a.jpg", etag="e1")])
