@@ -591,9 +591,14 @@ def _record_end_to_end(report: BenchReport, run: EndToEndRun, say: Callable[[str
 
 
 def _latency(
-    report: BenchReport, stack: Stack, run: EndToEndRun, blobs: list[bytes], say: Callable[[str], None]
+    report: BenchReport,
+    stack: Stack,
+    run: EndToEndRun,
+    blobs: list[bytes],
+    say: Callable[[str], None],
+    rate: float | None,
 ) -> None:
-    target = max(run.rate / 2, 1.0)
+    target = rate or max(run.rate / 2, 1.0)
     try:
         report.latency_ms, achieved, statuses = stack.latency(run.worker, blobs, rate=target)
     except RowsMissing as missing:
@@ -637,7 +642,9 @@ def run_bench(
     say: Callable[[str], None],
     worker_processes: int = 1,
     s3_server: str = "moto",
+    latency_rate: float | None = None,
 ) -> BenchReport:
+    """`latency_rate`: the load (d) offers, images/s; by default half of what (c) reached."""
     device = str(getattr(model, "device", settings.device))
     report = BenchReport(
         label=label,
@@ -695,7 +702,7 @@ def run_bench(
             return report
         _record_end_to_end(report, run, say)
         try:
-            _latency(report, stack, run, blobs[:latency_images], say)
+            _latency(report, stack, run, blobs[:latency_images], say, latency_rate)
             report.memory["worker peak RSS"] = run.worker.peak_rss_mib()
             gpu = run.worker.metric("enrich_device_memory_peak_bytes")
             if gpu == gpu and gpu > 0:  # NaN-safe

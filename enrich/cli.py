@@ -456,6 +456,14 @@ def bench(
     worker_processes: Annotated[
         int, typer.Option(help="Worker processes sharing the device in (c) and (d)")
     ] = 1,
+    latency_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Images/s that (d) offers (default: half of (c)'s rate); fixed, to compare two builds "
+            "at the same load",
+        ),
+    ] = None,
 ) -> None:
     """Measure model and decode ceilings, end-to-end throughput, latency and memory; print the figures."""
     from enrich.bench import markdown_section, run_bench
@@ -487,6 +495,7 @@ def bench(
             say=console.print,
             worker_processes=worker_processes,
             s3_server=s3_server.value,
+            latency_rate=latency_rate,
         )
         # Each set as soon as it is measured, flushed: a run killed during the next set keeps this one.
         section = markdown_section([report], command, header=index == 0)

@@ -31,6 +31,7 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
         naive_images=8,
         latency_images=12,
         say=lambda _line: None,
+        latency_rate=4.0,
     )
     assert set(report.rates) == {"fetch", "decode", "model", "ingest", "end_to_end", "naive"}
     assert all(rate > 0 for rate in report.rates.values())
@@ -45,7 +46,7 @@ def test_bench_reports_every_stage_ratio_latency_and_memory(
         "latency", "uploads reached"
     )
     assert 1 <= report.mean_batch["end_to_end"] <= 8 and report.warmup_s["end_to_end"] > 0
-    assert report.offered_rate["achieved"] > 0 and report.offered_rate["target"] > 0
+    assert report.offered_rate["achieved"] > 0 and report.offered_rate["target"] == 4.0
     json.dumps(report.to_json())  # what `enrich bench --out` writes beside the Markdown
     section = markdown_section([report], "enrich bench")
     assert "speed-up over naive" in section and "upload-to-row latency p95" in section
