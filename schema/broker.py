@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.exceptions
 from kombu.transport import redis as kombu_redis
 
 # For Celery's `broker_transport`: a class path, which kombu resolves itself.
@@ -23,6 +24,13 @@ class Channel(kombu_redis.Channel):
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        if getattr(self.connection, "client", None) is None:
+            # Celery (5.7) collects a lost broker connection, which drops the transport's settings, and then
+            # closes it; closing the channel restores its unacknowledged messages through a new client,
+            # which then failed with an AttributeError that Celery treats as fatal: a worker holding
+            # messages died on a Redis restart. As a connection error the close goes on, and the messages
+            # come back after the visibility timeout, as from any dead connection.
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
         if asynchronous:  # the consumer's own BRPOP client, which kombu already keeps (`Channel.client`)
             return super()._create_client(asynchronous=True)
         client = self._shared_client

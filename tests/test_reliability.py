@@ -193,6 +193,49 @@ def test_during_a_database_outage_the_backlog_stays_in_the_list_keda_measures(
     wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=120, what="rows after the outage")
 
 
+def test_a_broker_connection_lost_mid_batch_leaves_each_image_enriched_once_and_the_worker_consuming(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
+    # The worker holds six messages in a batch that waits to fill when its Redis connections are reset.
+    # Celery restarts its consumer (which first waits for the batch), the batch's rows are written, its
+    # acks are lost with the old connection, and Redis hands the messages out again after the visibility
+    # timeout: the second jobs must find the rows and skip, and the worker must go on consuming.
+    redis_proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    try:
+        settings = settings.model_copy(
+            update={
+                "broker_url": with_port(settings.broker_url, redis_proxy.port),
+                "batch_size": 32,
+                "max_wait_ms": 3000,
+                "visibility_timeout_s": 3,
+            }
+        )
+        publish(settings, bucket, put_images(moto_server, bucket, keys))
+        worker = start_worker(settings)
+        wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
+        redis_proxy.down()
+        wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=30, what="the batch's rows")
+        redis_proxy.up()
+        wait_for(
+            lambda: worker.metric("enrich_skipped_already_enriched_total") >= 6,
+            timeout=60,
+            what="the redelivered jobs skipped",
+        )
+        late = ["crash/late.jpg"]
+        publish(settings, bucket, put_images(moto_server, bucket, late))
+        wait_for(lambda: one_ok_row_per_key(pg_engine, [*keys, *late]), timeout=30, what="a new job's row")
+        wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="acked")
+        assert {row.attempts for row in rows(pg_engine)} == {1}
+        assert worker.process.poll() is None
+    finally:
+        redis_proxy.close()
+
+
 def test_s3_outage_is_retried_then_succeeds(
     settings: Settings,
     pg_engine: Engine,
