@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session
 
 from ingest.publisher import JobPublisher
 from schema.db import make_engine, make_session_factory
+from schema.queue import celery_config
 from schema.repository import upsert_enrichments
 from schema.results import EnrichmentResult, ImagePrediction, ObjectRef, Status
-from schema.settings import Settings
+from schema.settings import ENRICH_TASK_NAME, Settings
 from tests.conftest import StartWorker, s3_client, sample_jpegs, wait_for
 from tests.test_end_to_end import unacked_for
 from tests.test_pipeline import rows_by_key
@@ -261,3 +262,29 @@ def test_a_worker_writes_the_batch_mates_of_a_key_no_row_can_hold(
     client = redis.Redis.from_url(settings.broker_url)
     assert client.llen(settings.queue) == 0 and unacked_for(settings.queue) == 0
     client.close()
+
+
+def test_a_task_message_that_is_not_ours_is_refused_alone_and_the_worker_goes_on(
+    settings: Settings, pg_engine: Engine, bucket: str, moto_server: str, start_worker: StartWorker
+) -> None:
+    """A message on the queue that names no object (another producer's, a hand-made one) cannot become a
+    row: the batching strategy leaves it to Celery's own path, which logs why and acknowledges it, while
+    its batch-mates are written and the worker keeps consuming."""
+    client = s3_client(moto_server)
+    refs = []
+    for key, data in zip(GOOD, sample_jpegs(len(GOOD)), strict=True):
+        etag = client.put_object(Bucket=bucket, Key=key, Body=data)["ETag"]
+        refs.append(ObjectRef(bucket, key, etag=etag.strip('"'), size=len(data)))
+    settings = settings.model_copy(update={"batch_size": 4, "max_wait_ms": 1500})
+    worker = start_worker(settings)
+    sender = Celery("stranger")
+    sender.conf.update(celery_config(settings))
+    for args in ([{"key": "no-bucket.jpg"}], ["not a message"]):
+        sender.send_task(ENRICH_TASK_NAME, args=args, queue=settings.queue)
+    assert JobPublisher(settings).publish(refs).published == len(GOOD)
+    wait_for(lambda: len(rows_by_key(pg_engine)) == len(GOOD), timeout=60, what="the good rows")
+    assert {key: row.status for key, row in rows_by_key(pg_engine).items()} == dict.fromkeys(GOOD, "ok")
+    wait_for(lambda: unacked_for(settings.queue) == 0, timeout=30, what="every message acknowledged")
+    assert redis.Redis.from_url(settings.broker_url).llen(settings.queue) == 0
+    assert worker.process.poll() is None
+    sender.close()
