@@ -6,6 +6,8 @@ import contextlib
 import socket
 import threading
 
+Pair = tuple[socket.socket, socket.socket]  # (client, upstream)
+
 
 class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
@@ -15,25 +17,27 @@ class TcpProxy:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port = int(self._listener.getsockname()[1])
-        self._up = threading.Event()
-        self._up.set()
-        self._sockets: set[socket.socket] = set()
+        self._up = True
+        # Each open pair (client, upstream) -> how many of its two pipe threads still run.
+        self._pairs: dict[Pair, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     def down(self) -> None:
         """Refuse new connections and reset the open ones, as a crashed server would."""
-        self._up.clear()
         with self._lock:
-            for sock in list(self._sockets):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            self._sockets.clear()
+            self._up = False
+            # Only shut down: the pipe threads wake, and the last of a pair closes both sockets. Closing a
+            # descriptor here, while a pipe thread may be entering recv() on it, could hand that thread a
+            # reused descriptor of a later connection, whose bytes it would then swallow.
+            for pair in self._pairs:
+                for sock in pair:
+                    _shutdown(sock)
 
     def up(self) -> None:
-        self._up.set()
+        with self._lock:
+            self._up = True
 
     def close(self) -> None:
         self._closed = True
@@ -46,29 +50,42 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            if not self._up.is_set():
-                client.close()
-                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)  # the timeout is for connecting; an idle connection stays open
             except OSError:
                 client.close()
                 continue
-            with self._lock:
-                self._sockets.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            pair: Pair = (client, upstream)
+            with self._lock:  # a connection accepted while down() runs must not outlive it
+                if not self._up:
+                    client.close()
+                    upstream.close()
+                    continue
+                self._pairs[pair] = 2
+            for source, sink in (pair, pair[::-1]):
+                threading.Thread(target=self._pipe, args=(pair, source, sink), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, pair: Pair, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
         except OSError:
             pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.close()
-            with self._lock:
-                self._sockets.discard(source)
-                self._sockets.discard(sink)
+        # One side ended: end both directions (each end sees the other go away), then the second of the
+        # two pipe threads, the last user of the sockets, closes them.
+        for sock in pair:
+            _shutdown(sock)
+        with self._lock:
+            self._pairs[pair] -= 1
+            last = self._pairs[pair] == 0
+            if last:
+                del self._pairs[pair]
+        if last:
+            for sock in pair:
+                sock.close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
