@@ -233,6 +233,8 @@ def test_broker_connections_lost_mid_batch_leave_each_image_enriched_once_and_th
                 timeout=30,
                 what=f"the redelivered jobs acked (cut {cut})",
             )
+        # Each cut lost the acks of the six (counted and logged as such) and their second jobs skipped.
+        assert worker.metric("enrich_acks_lost_total") >= 3 * 6
         assert worker.metric("enrich_skipped_already_enriched_total") >= 3 * 6
         assert {row.attempts for row in rows(pg_engine)} == {1}
         assert worker.process.poll() is None

@@ -25,6 +25,12 @@ class WorkerMetrics:
             "Jobs whose image already had an ok row for this model version",
             registry=self.registry,
         )
+        self.acks_lost = Counter(
+            "enrich_acks_lost",
+            "Jobs settled whose ack the broker connection lost: Redis hands them out again after the"
+            " visibility timeout, and those second jobs skip",
+            registry=self.registry,
+        )
         self.reused = Counter(
             "enrich_predictions_reused",
             "Images whose identical bytes already had a prediction of this model: no forward pass",

@@ -162,6 +162,21 @@ def batching_strategy(
     revoked = consumer.controller.state.revoked
     connection_errors = consumer.connection_errors
     submit = settler.runtime.batcher.submit
+    acks_lost = settler.runtime.metrics.acks_lost
+
+    def acknowledge(message: Any, job: Job) -> None:
+        try:
+            message.ack()
+        except connection_errors as error:
+            # A broker connection lost while the batch ran (a Redis restart) fails every ack of that batch,
+            # which kombu would log at CRITICAL with a traceback each: one line, and a count, say what it is.
+            acks_lost.inc()
+            log.warning(
+                "lost the ack of s3://%s/%s with the broker connection (%s): the job is settled; Redis hands"
+                " its message out again after the visibility timeout, and a written image is then skipped",
+                *_where(job),
+                error,
+            )
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers
@@ -192,7 +207,7 @@ def batching_strategy(
                         argsrepr=headers.get("argsrepr"),
                         kwargsrepr="{}",
                     )
-                ack(log, connection_errors)
+                acknowledge(message, job)
             except Exception:
                 log.exception("could not settle s3://%s/%s; it goes back on the queue", *_where(job))
                 reject(log, connection_errors, True)
