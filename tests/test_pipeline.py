@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import logging
 import math
 import os
 import threading
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -51,9 +53,22 @@ def rows_by_key(engine: Engine) -> dict[str, Enrichment]:
         return {row.key: row for row in session.scalars(select(Enrichment))}
 
 
+def logged_batch_tally(caplog: pytest.LogCaptureFixture) -> Counter[str]:
+    """The worker's per-batch log lines ("batch of 4: 3 ok, 1 failed_decode"), summed, then cleared."""
+    tally: Counter[str] = Counter()
+    for record in caplog.records:
+        if record.name == "worker.pipeline" and record.getMessage().startswith("batch of "):
+            for part in record.getMessage().split(": ", 1)[1].split(", "):
+                n, what = part.split(" ", 1)
+                tally[what] += int(n)
+    caplog.clear()
+    return tally
+
+
 def test_local_folder_run_records_every_image_once_with_a_status(
-    settings: Settings, pg_engine: Engine, folder: Path
+    settings: Settings, pg_engine: Engine, folder: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
     store, refs = plan(settings, str(folder))
     assert len(refs) == 11  # notes.txt is not an image
     outcomes = run_local(settings, store=store, refs=refs)
@@ -72,10 +87,12 @@ def test_local_folder_run_records_every_image_once_with_a_status(
     photo = (folder / "sub dir" / "café + tie.jpg").read_bytes()
     assert row.content_sha256 == hashlib.sha256(photo).hexdigest()  # hashed in the fetching process
     assert row.model_version == "0.0.1" and row.master_category is not None
+    assert logged_batch_tally(caplog) == {"ok": 8, "failed_decode": 3}
 
     # A second run over the same folder enriches nothing twice.
     again = run_local(settings, store=store, refs=refs)
     assert {o.status for o in again if o.ref.key in ok} == {"skipped"}
+    assert logged_batch_tally(caplog) == {"skipped": 8, "failed_decode": 3}
     assert len(rows_by_key(pg_engine)) == len(refs)
 
 

@@ -5,8 +5,10 @@ Errors are values: every ref ends as an Outcome, and one bad image never fails i
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,6 +26,8 @@ from worker.image_pool import ImagePool, ImagePoolError
 from worker.metrics import WorkerMetrics
 from worker.model.config import PreprocessConfig
 from worker.storage import FetchError, LimitError
+
+log = logging.getLogger(__name__)
 
 
 class Model(Protocol):
@@ -285,16 +289,24 @@ class Pipeline:
                 for outcome in to_write:
                     self._write_alone(outcome)
             self.metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
+        tally: Counter[str] = Counter()
         for outcome in outcomes:
             if outcome.result is not None:
+                tally[outcome.result.status.value] += 1
                 self.metrics.results.labels(outcome.result.status.value).inc()
             elif outcome.unrecordable is not None:
+                tally["unrecordable"] += 1
                 self.metrics.results.labels("unrecordable").inc()
             elif outcome.skipped:
+                tally["skipped"] += 1
                 self.metrics.skipped.inc()
             else:
                 stage = "sink" if (outcome.retry_reason or "").startswith("database") else "fetch"
+                tally[f"retry ({stage})"] += 1
                 self.metrics.retries.labels(stage).inc()
+        # Fresh messages skip Celery's per-task log lines (worker/tasks.py): this is the worker's log of work.
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(tally.items()))
+        log.info("batch of %d: %s", len(outcomes), summary)
         return outcomes
 
     def record_failure(self, ref: ObjectRef, reason: str) -> Outcome:
