@@ -42,29 +42,33 @@ class TcpProxy:
     def close(self) -> None:
         self._closed = True
         self.down()
-        self._listener.close()
+        _shutdown(self._listener)  # wakes accept(); the accept loop, its only user, closes it
 
     def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)  # the timeout is for connecting; an idle connection stays open
-            except OSError:
+        with self._listener:
+            while not self._closed:
+                try:
+                    client, _ = self._listener.accept()
+                except OSError:
+                    return
+                self._serve(client)
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)  # the timeout is for connecting; an idle connection stays open
+        except OSError:
+            client.close()
+            return
+        pair: Pair = (client, upstream)
+        with self._lock:  # a connection accepted while down() runs must not outlive it
+            if not self._up:
                 client.close()
-                continue
-            pair: Pair = (client, upstream)
-            with self._lock:  # a connection accepted while down() runs must not outlive it
-                if not self._up:
-                    client.close()
-                    upstream.close()
-                    continue
-                self._pairs[pair] = 2
-            for source, sink in (pair, pair[::-1]):
-                threading.Thread(target=self._pipe, args=(pair, source, sink), daemon=True).start()
+                upstream.close()
+                return
+            self._pairs[pair] = 2
+        for source, sink in (pair, pair[::-1]):
+            threading.Thread(target=self._pipe, args=(pair, source, sink), daemon=True).start()
 
     def _pipe(self, pair: Pair, source: socket.socket, sink: socket.socket) -> None:
         try:
