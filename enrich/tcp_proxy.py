@@ -18,6 +18,7 @@ class TcpProxy:
         self._listener.listen(64)
         self.port = int(self._listener.getsockname()[1])
         self._up = True
+        self._blackhole = False
         # Each open pair (client, upstream) -> how many of its two pipe threads still run.
         self._pairs: dict[Pair, int] = {}
         self._lock = threading.Lock()
@@ -35,9 +36,16 @@ class TcpProxy:
                 for sock in pair:
                     _shutdown(sock)
 
+    def blackhole(self) -> None:
+        """Keep every connection open but let no byte through, as a server gone without closing would (a
+        dead node, a failover, a NAT that dropped its state): writes succeed, replies never come."""
+        self._blackhole = True
+
     def up(self) -> None:
+        """Accept and forward again (what the connections sent into a black hole stays lost)."""
         with self._lock:
             self._up = True
+            self._blackhole = False
 
     def close(self) -> None:
         self._closed = True
@@ -73,7 +81,8 @@ class TcpProxy:
     def _pipe(self, pair: Pair, source: socket.socket, sink: socket.socket) -> None:
         try:
             while chunk := source.recv(65536):
-                sink.sendall(chunk)
+                if not self._blackhole:
+                    sink.sendall(chunk)
         except OSError:
             pass
         # One side ended: end both directions (each end sees the other go away), then the second of the

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from schema import broker
 from schema.results import ObjectRef
 from schema.settings import Settings
+
+
+def keepalive_options() -> dict[int, int]:
+    """Idle 10 s, then a probe every 5 s; the third unanswered probe closes the connection (Linux's names;
+    elsewhere the system's defaults apply)."""
+    wanted = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -36,6 +44,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # every 10th sweep, so they would come back up to 100 s after the visibility timeout).
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # A broker that vanishes without closing the connection: a command's reply is given up on
+            # after the socket timeout (a connection error, retried on a new connection), an idle
+            # connection is probed by TCP keepalives (dead after ~25 s), and kombu drops a consumer's BRPOP
+            # that stays unanswered for brpop_timeout + health_check_interval (about 11-21 s, not 26-51).
+            "socket_timeout": settings.broker_socket_timeout_s,
+            "socket_connect_timeout": settings.broker_socket_timeout_s,
+            "socket_keepalive": True,
+            "socket_keepalive_options": keepalive_options(),
+            "health_check_interval": 10,
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

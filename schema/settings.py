@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 600
     # Retries of a job that failed for a transient reason before it is dead-lettered.
     max_attempts: int = 5
+    # The longest one Redis command may wait for its reply. Without it, a broker gone without closing the
+    # connection (a failover, a dead node, a NAT dropping state) blocked a publish, or a worker's ack, for
+    # as long as the kernel kept the socket: the batch thread, and so the worker, stopped.
+    broker_socket_timeout_s: float = 10.0
 
     # S3 API (AWS, MinIO or moto). Credentials also fall back to the usual AWS_* variables.
     s3_endpoint_url: str | None = None

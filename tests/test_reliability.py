@@ -242,6 +242,53 @@ def test_broker_connections_lost_mid_batch_leave_each_image_enriched_once_and_th
         redis_proxy.close()
 
 
+def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_image(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    start_worker: StartWorker,
+) -> None:
+    # Redis vanishes without closing the worker's connections (a dead node, a failover): commands are sent
+    # and no reply comes. The batch in hand is written and its acks give up after the socket timeout (until
+    # 2026-12-07 there was none: the first ack blocked the batch's thread, and with it the worker, for as
+    # long as the kernel kept the socket). Once Redis answers again the worker reconnects, the messages
+    # come back and skip, and new jobs run.
+    redis_proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    try:
+        settings = settings.model_copy(
+            update={
+                "broker_url": with_port(settings.broker_url, redis_proxy.port),
+                "batch_size": 32,
+                "max_wait_ms": 3000,
+                "visibility_timeout_s": 3,
+                "broker_socket_timeout_s": 4,
+            }
+        )
+        publish(settings, bucket, put_images(moto_server, bucket, keys))
+        worker = start_worker(settings)
+        wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
+        redis_proxy.blackhole()
+        wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=30, what="the batch's rows")
+        # Each ack waits out the socket timeout, all six at once: one after another they took 24 s.
+        wait_for(lambda: worker.metric("enrich_acks_lost_total") >= 6, timeout=15, what="the acks given up")
+        redis_proxy.up()
+        late = ["silent/late.jpg"]
+        publish(settings, bucket, put_images(moto_server, bucket, late))
+        wait_for(lambda: one_ok_row_per_key(pg_engine, [*keys, *late]), timeout=60, what="a new job's row")
+        wait_for(
+            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+            timeout=60,
+            what="the redelivered jobs acked",
+        )
+        assert worker.metric("enrich_skipped_already_enriched_total") >= 6
+        assert {row.attempts for row in rows(pg_engine)} == {1}
+        assert worker.process.poll() is None
+    finally:
+        redis_proxy.close()
+
+
 def test_s3_outage_is_retried_then_succeeds(
     settings: Settings,
     pg_engine: Engine,
