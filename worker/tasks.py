@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -115,10 +115,6 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     app.conf.update(celery_config(settings))
     settler = Settler(settings, runtime)
     unsettled = Unsettled()
-    # Settling a fresh message (an ack, maybe a retry's publish) talks to the broker: not on the batch's
-    # thread, where a broker gone silent made each ack of a batch wait out the socket timeout in turn.
-    # As many threads as messages in flight, as Celery's pool has: those waits overlap.
-    settle_threads = ThreadPoolExecutor(settings.effective_concurrency, thread_name_prefix="enrich-settle")
 
     # max_retries=None: Celery never gives up on its own. A retry that reached Celery's limit would raise
     # the task's error instead, and Celery acks a task that raises, dropping the job without a row: free
@@ -132,9 +128,7 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
         max_retries=None,
         shared=False,
         # A partial, not a function: Celery reads it off the task instance, which would bind a function.
-        Strategy=partial(
-            batching_strategy, settler=settler, unsettled=unsettled, settle_threads=settle_threads
-        ),
+        Strategy=partial(batching_strategy, settler=settler, unsettled=unsettled),
     )
     def enrich_object(self: Task, message: dict[str, Any]) -> dict[str, Any]:
         job = settler.job(message)
@@ -162,14 +156,7 @@ def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
 
 
 def batching_strategy(
-    task: Task,
-    app: Celery,
-    consumer: Any,
-    *,
-    settler: Settler,
-    unsettled: Unsettled,
-    settle_threads: ThreadPoolExecutor,
-    **kwargs: Any,
+    task: Task, app: Celery, consumer: Any, *, settler: Settler, unsettled: Unsettled, **kwargs: Any
 ) -> Callable[..., None]:
     through_pool = default_strategy(task, app, consumer, **kwargs)
     revoked = consumer.controller.state.revoked
@@ -233,19 +220,10 @@ def batching_strategy(
         except Exception as error:  # noqa: BLE001 - settled (here, at once) as a worker-side failure
             future = Future()
             future.set_exception(error)
-        future.add_done_callback(partial(_settle_in, settle_threads, finish))
+        future.add_done_callback(finish)
         return None
 
     return on_message
-
-
-def _settle_in(
-    threads: ThreadPoolExecutor, finish: Callable[[Future[Outcome]], None], done: Future[Outcome]
-) -> None:
-    try:
-        threads.submit(finish, done)
-    except RuntimeError:  # the interpreter is exiting and the pool has shut down: settle here
-        finish(done)
 
 
 def _where(job: Job) -> tuple[str, str]:
