@@ -105,6 +105,27 @@ def pg_proxy(postgres_url: str) -> Iterator[TcpProxy]:
     proxy.close()
 
 
+@pytest.fixture
+def redis_proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    yield proxy
+    proxy.close()
+
+
+def filling_a_batch_through(redis_proxy: TcpProxy, settings: Settings, **update: object) -> Settings:
+    """A worker on the proxied broker that holds what it receives in a batch waiting 3 s to fill, and whose
+    unacknowledged messages come back 3 s after a lost ack."""
+    return settings.model_copy(
+        update={
+            "broker_url": with_port(settings.broker_url, redis_proxy.port),
+            "batch_size": 32,
+            "max_wait_ms": 3000,
+            "visibility_timeout_s": 3,
+            **update,
+        }
+    )
+
+
 def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
     settings: Settings,
     pg_engine: Engine,
@@ -199,47 +220,37 @@ def test_broker_connections_lost_mid_batch_leave_each_image_enriched_once_and_th
     pg_engine: Engine,
     bucket: str,
     moto_server: str,
+    redis_proxy: TcpProxy,
     start_worker: StartWorker,
 ) -> None:
     # Three times, the worker holds six messages in a batch that waits to fill when its Redis connections
     # are reset. Celery restarts its consumer (which first waits for the batch), the batch's rows are
     # written, its acks are lost with the old connection, and Redis hands the messages out again after the
     # visibility timeout: the second jobs must find the rows and skip, and the worker must go on consuming.
-    redis_proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
-    try:
-        settings = settings.model_copy(
-            update={
-                "broker_url": with_port(settings.broker_url, redis_proxy.port),
-                "batch_size": 32,
-                "max_wait_ms": 3000,
-                "visibility_timeout_s": 3,
-            }
+    settings = filling_a_batch_through(redis_proxy, settings)
+    worker = start_worker(settings)
+    enriched: list[str] = []
+    for cut in range(3):
+        keys = [f"cut{cut}/{i}.jpg" for i in range(6)]
+        publish(settings, bucket, put_images(moto_server, bucket, keys))
+        wait_for(lambda: unacked_for(settings.queue) == 6, what=f"the worker holds 6 (cut {cut})")
+        redis_proxy.down()
+        enriched += keys
+        wait_for(partial(one_ok_row_per_key, pg_engine, enriched), timeout=30, what="the batch's rows")
+        redis_proxy.up()
+        assert worker.process.poll() is None  # until 2026-12-07 the worker died here
+        # Within the visibility timeout and Celery's reconnect back-off, not kombu's 50 s check for a
+        # silent connection (which once hid a stall here; docs/reliability.md).
+        wait_for(
+            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+            timeout=30,
+            what=f"the redelivered jobs acked (cut {cut})",
         )
-        worker = start_worker(settings)
-        enriched: list[str] = []
-        for cut in range(3):
-            keys = [f"cut{cut}/{i}.jpg" for i in range(6)]
-            publish(settings, bucket, put_images(moto_server, bucket, keys))
-            wait_for(lambda: unacked_for(settings.queue) == 6, what=f"the worker holds 6 (cut {cut})")
-            redis_proxy.down()
-            enriched += keys
-            wait_for(partial(one_ok_row_per_key, pg_engine, enriched), timeout=30, what="the batch's rows")
-            redis_proxy.up()
-            assert worker.process.poll() is None  # until 2026-12-07 the worker died here
-            # Within the visibility timeout and Celery's reconnect back-off, not kombu's 50 s check for a
-            # silent connection (which once hid a stall here; docs/reliability.md).
-            wait_for(
-                lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
-                timeout=30,
-                what=f"the redelivered jobs acked (cut {cut})",
-            )
-        # Each cut lost the acks of the six (counted and logged as such) and their second jobs skipped.
-        assert worker.metric("enrich_acks_lost_total") >= 3 * 6
-        assert worker.metric("enrich_skipped_already_enriched_total") >= 3 * 6
-        assert {row.attempts for row in rows(pg_engine)} == {1}
-        assert worker.process.poll() is None
-    finally:
-        redis_proxy.close()
+    # Each cut lost the acks of the six (counted and logged as such) and their second jobs skipped.
+    assert worker.metric("enrich_acks_lost_total") >= 3 * 6
+    assert worker.metric("enrich_skipped_already_enriched_total") >= 3 * 6
+    assert {row.attempts for row in rows(pg_engine)} == {1}
+    assert worker.process.poll() is None
 
 
 def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_image(
@@ -248,6 +259,7 @@ def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_i
     bucket: str,
     moto_server: str,
     keys: list[str],
+    redis_proxy: TcpProxy,
     start_worker: StartWorker,
 ) -> None:
     # Redis vanishes without closing the worker's connections (a dead node, a failover): commands are sent
@@ -255,38 +267,26 @@ def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_i
     # 2026-12-07 there was none: the first ack blocked the batch's thread, and with it the worker, for as
     # long as the kernel kept the socket). Once Redis answers again the worker reconnects, the messages
     # come back and skip, and new jobs run.
-    redis_proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
-    try:
-        settings = settings.model_copy(
-            update={
-                "broker_url": with_port(settings.broker_url, redis_proxy.port),
-                "batch_size": 32,
-                "max_wait_ms": 3000,
-                "visibility_timeout_s": 3,
-                "broker_socket_timeout_s": 2,
-            }
-        )
-        publish(settings, bucket, put_images(moto_server, bucket, keys))
-        worker = start_worker(settings)
-        wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
-        redis_proxy.blackhole()
-        wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=30, what="the batch's rows")
-        # Each ack waits out the socket timeout in turn, on the batch's thread (6 x 2 s).
-        wait_for(lambda: worker.metric("enrich_acks_lost_total") >= 6, timeout=40, what="the acks given up")
-        redis_proxy.up()
-        late = ["silent/late.jpg"]
-        publish(settings, bucket, put_images(moto_server, bucket, late))
-        wait_for(lambda: one_ok_row_per_key(pg_engine, [*keys, *late]), timeout=60, what="a new job's row")
-        wait_for(
-            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
-            timeout=60,
-            what="the redelivered jobs acked",
-        )
-        assert worker.metric("enrich_skipped_already_enriched_total") >= 6
-        assert {row.attempts for row in rows(pg_engine)} == {1}
-        assert worker.process.poll() is None
-    finally:
-        redis_proxy.close()
+    settings = filling_a_batch_through(redis_proxy, settings, broker_socket_timeout_s=2)
+    publish(settings, bucket, put_images(moto_server, bucket, keys))
+    worker = start_worker(settings)
+    wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
+    redis_proxy.blackhole()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=30, what="the batch's rows")
+    # Each ack waits out the socket timeout in turn, on the batch's thread (6 x 2 s).
+    wait_for(lambda: worker.metric("enrich_acks_lost_total") >= 6, timeout=40, what="the acks given up")
+    redis_proxy.up()
+    late = ["silent/late.jpg"]
+    publish(settings, bucket, put_images(moto_server, bucket, late))
+    wait_for(lambda: one_ok_row_per_key(pg_engine, [*keys, *late]), timeout=60, what="a new job's row")
+    wait_for(
+        lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+        timeout=60,
+        what="the redelivered jobs acked",
+    )
+    assert worker.metric("enrich_skipped_already_enriched_total") >= 6
+    assert {row.attempts for row in rows(pg_engine)} == {1}
+    assert worker.process.poll() is None
 
 
 def test_s3_outage_is_retried_then_succeeds(
