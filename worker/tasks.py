@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -110,6 +111,29 @@ class Unsettled:
             self._changed.wait_for(lambda: self._count == 0)
 
 
+class AckGate:
+    """Whether an ack is worth sending: not on a channel that lost one less than `pause_s` ago.
+
+    A batch's acks go out one after another on its thread. On a broker gone silent each waited out the
+    socket timeout in turn (a batch of 64 held the worker 64 x 10 s, past the visibility timeout); the ones
+    after the first lost ack are now counted lost at once. An ack not sent leaves the message where a
+    failed one does (unacknowledged, to come back and be skipped). Messages delivered on a new connection
+    (after the consumer reconnected) are acked as usual.
+    """
+
+    def __init__(self, pause_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pause_s = pause_s
+        self._clock = clock
+        self._channel: object = None
+        self._until = float("-inf")
+
+    def is_open(self, channel: object) -> bool:
+        return channel is not self._channel or self._clock() >= self._until
+
+    def close(self, channel: object) -> None:
+        self._channel, self._until = channel, self._clock() + self._pause_s
+
+
 def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
     app = Celery("enrich-worker")
     app.conf.update(celery_config(settings))
@@ -163,20 +187,27 @@ def batching_strategy(
     connection_errors = consumer.connection_errors
     submit = settler.runtime.batcher.submit
     acks_lost = settler.runtime.metrics.acks_lost
+    gate = AckGate(settler.settings.broker_socket_timeout_s)
 
     def acknowledge(message: Any, job: Job) -> None:
-        try:
-            message.ack()
-        except connection_errors as error:
-            # A broker connection lost while the batch ran (a Redis restart) fails every ack of that batch,
-            # which kombu would log at CRITICAL with a traceback each: one line, and a count, say what it is.
-            acks_lost.inc()
-            log.warning(
-                "lost the ack of s3://%s/%s with the broker connection (%s): the job is settled; Redis hands"
-                " its message out again after the visibility timeout, and a written image is then skipped",
-                *_where(job),
-                error,
-            )
+        if gate.is_open(message.channel):
+            try:
+                message.ack()
+                return
+            except connection_errors as error:
+                gate.close(message.channel)
+                why = str(error)
+        else:
+            why = "not sent: an ack on the same connection was just lost"
+        # A broker connection lost while the batch ran (a Redis restart) fails every ack of that batch,
+        # which kombu would log at CRITICAL with a traceback each: one line, and a count, say what it is.
+        acks_lost.inc()
+        log.warning(
+            "lost the ack of s3://%s/%s with the broker connection (%s): the job is settled; Redis hands"
+            " its message out again after the visibility timeout, and a written image is then skipped",
+            *_where(job),
+            why,
+        )
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers
