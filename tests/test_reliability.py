@@ -290,6 +290,53 @@ def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_i
     assert worker.process.poll() is None
 
 
+def test_retries_a_silent_broker_cannot_take_leave_their_messages_to_come_back(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    keys: list[str],
+    redis_proxy: TcpProxy,
+    start_worker: StartWorker,
+) -> None:
+    # A worker cut off from the network (S3 and Redis at once): the batch's fetches fail, and the broker
+    # takes none of its retries. The first retry gives up after kombu's publish retries; the other five, on
+    # the same connection, are given up at once (until 2026-12-08 each waited the same in turn, holding the
+    # worker). Their messages stay unacknowledged and come back once the network does.
+    etags = put_images(moto_server, bucket, keys)
+    s3_proxy = TcpProxy(urlsplit(moto_server).port or 0)
+    try:
+        s3_proxy.down()
+        settings = filling_a_batch_through(
+            redis_proxy,
+            settings,
+            broker_socket_timeout_s=3,
+            max_wait_ms=5000,
+            s3_endpoint_url=f"http://127.0.0.1:{s3_proxy.port}",
+        )
+        publish(settings, bucket, etags)
+        worker = start_worker(settings)
+        wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
+        redis_proxy.blackhole()
+        # The fetches fail within ~6 s, the first retry after 2 x 3 s of timeouts; one after another, the six
+        # took ~40 s.
+        wait_for(lambda: worker.metric("enrich_retries_unsent_total") >= 6, timeout=22, what="retries unsent")
+        assert rows(pg_engine) == []
+        s3_proxy.up()
+        redis_proxy.up()
+        wait_for(
+            lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows once the network is back"
+        )
+        wait_for(
+            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+            timeout=60,
+            what="every message settled",
+        )
+        assert worker.process.poll() is None
+    finally:
+        s3_proxy.close()
+
+
 def test_s3_outage_is_retried_then_succeeds(
     settings: Settings,
     pg_engine: Engine,

@@ -31,6 +31,12 @@ class WorkerMetrics:
             " visibility timeout, and those second jobs skip",
             registry=self.registry,
         )
+        self.retries_unsent = Counter(
+            "enrich_retries_unsent",
+            "Jobs to retry whose new message the broker could not take: the one in hand stays"
+            " unacknowledged, and Redis hands it out again",
+            registry=self.registry,
+        )
         self.reused = Counter(
             "enrich_predictions_reused",
             "Images whose identical bytes already had a prediction of this model: no forward pass",

@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery, Task, bootsteps
 from celery.worker.strategy import default as default_strategy
+from kombu.exceptions import OperationalError
 
 from schema.queue import ATTEMPTS_SPENT, celery_config, ref_from_message
 from schema.settings import ENRICH_TASK_NAME, Settings
@@ -111,27 +112,39 @@ class Unsettled:
             self._changed.wait_for(lambda: self._count == 0)
 
 
-class AckGate:
-    """Whether an ack is worth sending: not on a channel that lost one less than `pause_s` ago.
+class BrokerGate:
+    """Sends what settles a message (its ack, its retry) unless the broker just failed on its channel.
 
-    A batch's acks go out one after another on its thread. On a broker gone silent each waited out the
-    socket timeout in turn (a batch of 64 held the worker 64 x 10 s, past the visibility timeout); the ones
-    after the first lost ack are now counted lost at once. An ack not sent leaves the message where a
-    failed one does (unacknowledged, to come back and be skipped). Messages delivered on a new connection
-    (after the consumer reconnected) are acked as usual.
+    A batch's messages are settled one after another on its thread. On a broker gone silent each send waited
+    out the socket timeout in turn (a batch of 64 held the worker 64 x 10 s, past the visibility timeout;
+    a retry, with kombu's publish retries and the reject after it, ~50 s each): after the first failure,
+    the sends for messages of the same channel are given up at once, for `pause_s`. A message whose ack or
+    retry was not sent stays unacknowledged, as after a failed send, and Redis hands it out again. Messages
+    delivered on a new connection (the consumer reconnected) are settled as usual.
     """
 
-    def __init__(self, pause_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pause_s: float,
+        errors: tuple[type[BaseException], ...],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._pause_s = pause_s
+        self._errors = errors
         self._clock = clock
         self._channel: object = None
         self._until = float("-inf")
 
-    def is_open(self, channel: object) -> bool:
-        return channel is not self._channel or self._clock() >= self._until
-
-    def close(self, channel: object) -> None:
-        self._channel, self._until = channel, self._clock() + self._pause_s
+    def send(self, channel: object, action: Callable[[], object]) -> str | None:
+        """None once sent; else why not."""
+        if channel is self._channel and self._clock() < self._until:
+            return "not sent: the broker failed on this connection just before"
+        try:
+            action()
+            return None
+        except self._errors as error:
+            self._channel, self._until = channel, self._clock() + self._pause_s
+            return f"{type(error).__name__}: {error}"
 
 
 def make_worker_app(settings: Settings, runtime: WorkerRuntime) -> Celery:
@@ -186,28 +199,23 @@ def batching_strategy(
     revoked = consumer.controller.state.revoked
     connection_errors = consumer.connection_errors
     submit = settler.runtime.batcher.submit
-    acks_lost = settler.runtime.metrics.acks_lost
-    gate = AckGate(settler.settings.broker_socket_timeout_s)
+    metrics = settler.runtime.metrics
+    # Celery raises a failed publish as kombu's OperationalError; kombu raises a failed ack as is.
+    gate = BrokerGate(settler.settings.broker_socket_timeout_s, (OperationalError, *connection_errors))
 
     def acknowledge(message: Any, job: Job) -> None:
-        if gate.is_open(message.channel):
-            try:
-                message.ack()
-                return
-            except connection_errors as error:
-                gate.close(message.channel)
-                why = str(error)
-        else:
-            why = "not sent: an ack on the same connection was just lost"
-        # A broker connection lost while the batch ran (a Redis restart) fails every ack of that batch,
-        # which kombu would log at CRITICAL with a traceback each: one line, and a count, say what it is.
-        acks_lost.inc()
-        log.warning(
-            "lost the ack of s3://%s/%s with the broker connection (%s): the job is settled; Redis hands"
-            " its message out again after the visibility timeout, and a written image is then skipped",
-            *_where(job),
-            why,
-        )
+        why = gate.send(message.channel, message.ack)
+        if why is not None:
+            # A broker connection lost while the batch ran (a Redis restart) fails every ack of that batch,
+            # which kombu would log at CRITICAL with a traceback each: one line, and a count, say what it is.
+            metrics.acks_lost.inc()
+            log.warning(
+                "lost the ack of s3://%s/%s with the broker connection (%s): the job is settled; Redis"
+                " hands its message out again after the visibility timeout, and a written image is then"
+                " skipped",
+                *_where(job),
+                why,
+            )
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         headers = message.headers
@@ -222,22 +230,37 @@ def batching_strategy(
             return through_pool(message, body, ack, reject, callbacks, **kw)
         retries = int(headers.get("retries") or 0)
 
+        def send_retry(decision: Retry) -> bool:
+            log.info("retry s3://%s/%s in %.0f s: %s", *_where(job), decision.countdown, decision.reason)
+            why = gate.send(
+                message.channel,
+                partial(
+                    task.apply_async,
+                    args=[decision.message],
+                    task_id=headers.get("id"),
+                    retries=retries + 1,
+                    countdown=decision.countdown,
+                    argsrepr=headers.get("argsrepr"),
+                    kwargsrepr="{}",
+                ),
+            )
+            if why is None:
+                return True
+            metrics.retries_unsent.inc()
+            log.warning(
+                "could not send the retry of s3://%s/%s (%s): its message stays unacknowledged, and Redis"
+                " hands it out again",
+                *_where(job),
+                why,
+            )
+            return False
+
         def finish(future: Future[Outcome]) -> None:
             try:
                 error = future.exception()
                 decision = settler.settle(payload, job, retries, error or future.result())
-                if isinstance(decision, Retry):
-                    log.info(
-                        "retry s3://%s/%s in %.0f s: %s", *_where(job), decision.countdown, decision.reason
-                    )
-                    task.apply_async(
-                        args=[decision.message],
-                        task_id=headers.get("id"),
-                        retries=retries + 1,
-                        countdown=decision.countdown,
-                        argsrepr=headers.get("argsrepr"),
-                        kwargsrepr="{}",
-                    )
+                if isinstance(decision, Retry) and not send_retry(decision):
+                    return
                 acknowledge(message, job)
             except Exception:
                 log.exception("could not settle s3://%s/%s; it goes back on the queue", *_where(job))
