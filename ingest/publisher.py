@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import Celery
 
@@ -43,10 +45,28 @@ class JobPublisher:
                     queue=self._settings.queue,
                     producer=producer,
                     retry=True,
-                    retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+                    retry_policy={
+                        "max_retries": 3,
+                        "interval_start": 0.2,
+                        "interval_step": 0.5,
+                        "errback": self._give_up_after_a_timeout(time.monotonic()),
+                    },
                 )
                 report.published += 1
         return report
+
+    def _give_up_after_a_timeout(self, started: float) -> Callable[[BaseException, float], Any]:
+        """kombu's errback, called before each reconnect of one send: the retries are for what fails fast (a
+        connection a Redis restart reset); a broker that let the command time out (gone silent) is not
+        tried again. Each try waited out the socket timeout, and a webhook request ~50 s for its 503, long
+        after a sender may have given up; now one timeout. The send raises, so the event is not acked."""
+        patience = self._settings.broker_socket_timeout_s / 2
+
+        def errback(error: BaseException, _interval: float) -> None:
+            if time.monotonic() - started >= patience:
+                raise error
+
+        return errback
 
     def close(self) -> None:
         self._app.close()
