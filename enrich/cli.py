@@ -207,12 +207,14 @@ def worker(
         ]
         raise typer.Exit(WorkerSupervisor(settings, command).run())
 
+    from worker import liveness
     from worker.runtime import WorkerRuntime, use_model_threads
     from worker.tasks import make_worker_app
 
     use_model_threads(settings)
     runtime = WorkerRuntime.build(settings)
-    runtime.metrics.serve(settings.metrics_port)
+    liveness.watch_stalls(runtime.batcher.stalled_s, runtime.metrics.stalled)
+    liveness.serve(settings.metrics_port, runtime.metrics.registry, settings.stall_limit_s)
     runtime.metrics.ready.set(1)
     celery_app = make_worker_app(settings, runtime)
     try:

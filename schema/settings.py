@@ -93,8 +93,13 @@ class Settings(BaseSettings):
     # CPU device the other half decode, fetch and run the stack; on 2 cores one model thread gave the same
     # or a higher end-to-end rate than two, at less CPU per image and about half the p95 latency.
     model_threads: int = 0
-    # Prometheus metrics of a worker process (ingest serves them on its own HTTP port).
+    # Prometheus metrics of a worker process on /metrics, and its liveness on /healthz (ingest serves both
+    # on its own HTTP port).
     metrics_port: int = 9100
+    # /healthz fails once a worker process has held work this long without finishing any: above the worst
+    # batch (a fetch's 180 s limit, the database's 60 s statement limit, a GPU batch), below the visibility
+    # timeout.
+    stall_limit_s: float = 300.0
 
     # Limits on hostile input.
     max_object_bytes: int = 50 * 1024 * 1024

@@ -11,6 +11,8 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import Future
 from functools import partial
@@ -21,7 +23,7 @@ import redis
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from enrich.stack import with_port
+from enrich.stack import WorkerProcess, with_port
 from enrich.tcp_proxy import TcpProxy
 from ingest.publisher import JobPublisher
 from schema.queue import ref_to_message
@@ -335,6 +337,41 @@ def test_retries_a_silent_broker_cannot_take_leave_their_messages_to_come_back(
         assert worker.process.poll() is None
     finally:
         s3_proxy.close()
+
+
+def healthz(worker: WorkerProcess) -> int:
+    url = f"http://127.0.0.1:{worker.settings.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_holding_work_without_progress_fails_its_liveness_probe_until_it_moves_again(
+    settings: Settings,
+    pg_engine: Engine,
+    bucket: str,
+    moto_server: str,
+    start_worker: StartWorker,
+    processes: int,
+) -> None:
+    # A table lock held elsewhere stalls the batch (as a wedged GPU call would): the process is up and
+    # serves metrics, and does no work. /healthz says so once the stall passes the limit, so Kubernetes
+    # restarts the pod; under the supervisor, the longest stall of its processes counts.
+    worker = start_worker(settings.model_copy(update={"stall_limit_s": 3, "worker_processes": processes}))
+    worker.wait_ready()
+    assert healthz(worker) == 200
+    with pg_engine.connect() as lock:
+        lock.execute(text("LOCK TABLE enrichments IN ACCESS EXCLUSIVE MODE"))
+        publish(settings, bucket, put_images(moto_server, bucket, ["stalled.jpg"]))
+        wait_for(lambda: healthz(worker) == 503, timeout=30, what="the liveness probe failing")
+        lock.rollback()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, ["stalled.jpg"]), timeout=60, what="the row")
+    wait_for(lambda: healthz(worker) == 200, timeout=10, what="the liveness probe passing again")
 
 
 def test_s3_outage_is_retried_then_succeeds(

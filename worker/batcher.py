@@ -30,6 +30,11 @@ class MicroBatcher:
         self._collector = threading.Thread(target=self._collect_loop, name="enrich-collect", daemon=True)
         self._inferer = threading.Thread(target=self._infer_loop, name="enrich-infer", daemon=True)
         self._closed = False
+        # Jobs submitted and not yet resolved, and when one last resolved (or work arrived after a lull):
+        # what the liveness probe reads (worker/liveness.py).
+        self._unresolved = 0
+        self._last_progress = time.monotonic()
+        self._progress_lock = threading.Lock()
         self._collector.start()
         self._inferer.start()
 
@@ -37,8 +42,23 @@ class MicroBatcher:
         if self._closed:
             raise RuntimeError("batcher is closed")
         future: Future[Outcome] = Future()
+        with self._progress_lock:
+            if self._unresolved == 0:
+                self._last_progress = time.monotonic()
+            self._unresolved += 1
+        future.add_done_callback(self._resolved)
         self._inbox.put((job, future))
         return future
+
+    def stalled_s(self) -> float:
+        """Seconds this batcher has held work without resolving any of it (0 when it holds none)."""
+        with self._progress_lock:
+            return time.monotonic() - self._last_progress if self._unresolved else 0.0
+
+    def _resolved(self, _future: Future[Outcome]) -> None:
+        with self._progress_lock:
+            self._unresolved -= 1
+            self._last_progress = time.monotonic()
 
     def close(self) -> None:
         """Finish what was submitted, then stop both threads."""

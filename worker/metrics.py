@@ -5,7 +5,9 @@ values land in files it aggregates and serves on one port; gauges say how they c
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.liveness import STALLED
 
 
 class WorkerMetrics:
@@ -67,10 +69,13 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+        self.stalled = Gauge(
+            STALLED,
+            "Seconds a worker process has held work without finishing any of it (0 when it holds none);"
+            " the longest over the live processes",
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "enrich_stage_seconds", "Wall time of a batch stage", ["stage"], registry=self.registry
         )
-
-    def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, registry=self.registry)

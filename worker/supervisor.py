@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, multiprocess
 
 from schema.settings import Settings, settings_env
+from worker import liveness
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,7 @@ class WorkerSupervisor:
         if self.serving or self.ready_processes() < self.settings.worker_processes:
             return
         self.serving = True
-        if self.settings.metrics_port:
-            start_http_server(self.settings.metrics_port, registry=self.registry)
+        liveness.serve(self.settings.metrics_port, self.registry, self.settings.stall_limit_s)
         log.info("%d worker processes ready", self.settings.worker_processes)
 
     def _forward(self, signum: int, _frame: FrameType | None) -> None:
