@@ -587,6 +587,34 @@ def query(
     )
 
 
+@app.command()
+def status(
+    since: Annotated[str, typer.Option(help="Count the rows written since: ISO time or 30m, 2h, 7d")] = "1h",
+    output: Annotated[OutputFormat, typer.Option("--format", help="table or json")] = OutputFormat.table,
+) -> None:
+    """Where the work stands: jobs waiting and held on the queue, rows written lately, rows by model
+    version and status."""
+    from enrich.status import queue_status, table_status, to_json, to_rich
+    from schema.db import make_engine, make_session_factory
+
+    if output is OutputFormat.csv:
+        raise typer.BadParameter("status prints a table or json", param_hint="--format")
+    settings = _settings()
+    after = _parse_time(since, "--since")
+    assert after is not None  # given a value, it parses one or raises
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            table = table_status(session, after)
+    finally:
+        engine.dispose()
+    queue = queue_status(settings)
+    if output is OutputFormat.json:
+        sys.stdout.write(to_json(queue, table))
+    else:
+        console.print(to_rich(queue, table))
+
+
 def _query_rows(settings: Settings, query: EnrichmentQuery) -> list[Enrichment]:
     """One short-lived engine per command: the CLI runs a query and exits."""
     from schema.db import make_engine, make_session_factory

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 from alembic.script import ScriptDirectory
+from kombu import Connection
 from sqlalchemy import Engine
 
+from ingest.publisher import JobPublisher
 from schema.migrate import alembic_config, current_revision
 from schema.queue import ref_from_message
 from schema.results import FIELDS, ObjectRef, Status
@@ -128,3 +130,29 @@ def test_retry_requeues_the_failed_version_with_its_stored_identity(
     # Without its sequencer the retried version's row lost its place, and the older one became latest.
     assert queued.sort_sequencer == newer.sort_sequencer
     assert (queued.object_version, queued.etag, queued.size) == ("v2", "e2", 12)
+
+
+def test_status_reports_the_queue_and_the_table(settings: Settings, pg_engine: Engine) -> None:
+    write(pg_engine, ok_result(ObjectRef("shop", "a.jpg", etag='"a"'), version="1.0.0"))
+    write(
+        pg_engine,
+        ok_result(ObjectRef("shop", "a.jpg", etag='"a"'), version="2.0.0"),
+        failed_result(ObjectRef("shop", "b.jpg", etag='"b"'), version="2.0.0"),
+    )
+    JobPublisher(settings).publish([ObjectRef("shop", f"q{i}.jpg", etag='"q"') for i in range(3)])
+    # A consumer holding one message unacknowledged, as a worker's batch does.
+    with Connection(settings.broker_url) as connection:
+        held = connection.SimpleQueue(settings.queue).get(timeout=10)
+        document = json.loads(enrich_cli(settings, "status", "--format", "json").stdout)
+        table = enrich_cli(settings, "status").stdout
+        held.ack()
+    assert document["queue"] == {"name": settings.queue, "waiting": 2, "held": 1}
+    assert document["written_since"]["rows"] == 3
+    assert document["models"] == [
+        {"model_name": "enrich", "model_version": "2.0.0", "rows": {"failed_decode": 1, "ok": 1}},
+        {"model_name": "enrich", "model_version": "1.0.0", "rows": {"ok": 1}},
+    ]
+    assert "2 waiting" in table and "1 held" in table and "failed_decode" in table
+    later = json.loads(enrich_cli(settings, "status", "--since", "2999-01-01", "--format", "json").stdout)
+    assert later["written_since"] == {"since": "2999-01-01T00:00:00+00:00", "rows": 0, "latest": None}
+    assert enrich_cli(settings, "status", "--format", "csv", check=False).returncode == 2
