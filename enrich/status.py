@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -19,8 +19,16 @@ from schema.settings import Settings
 from schema.tables import Enrichment
 
 # kombu's Redis transport keeps every delivered, unacknowledged message in this hash (its default
-# `unacked_key`), each value a JSON [message, exchange, routing key]: the routing key is our queue.
+# `unacked_key`), each value a JSON [message, exchange, routing key]: the routing key is our queue. Its
+# `unacked_index` sorted set scores each delivery tag with the time it was delivered.
 UNACKED_HASH = "unacked"
+UNACKED_INDEX = "unacked_index"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldJob:
+    what: str  # the task's argsrepr: s3://bucket/key
+    held_s: float  # since it was delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +36,7 @@ class QueueStatus:
     queue: str
     waiting: int  # the Redis list KEDA measures
     held: int  # delivered to a worker, not yet acknowledged: in a batch, or waiting out a retry's countdown
+    longest_held: list[HeldJob]  # the jobs held longest, longest first: what a stuck worker sits on
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +48,37 @@ class TableStatus:
     counts: dict[tuple[str, str, str], int]
 
 
-def queue_status(settings: Settings) -> QueueStatus:
+def queue_status(settings: Settings, *, longest: int = 5) -> QueueStatus:
     client = redis.Redis.from_url(settings.broker_url)
     try:
         waiting = int(client.llen(settings.queue))
-        entries = cast(list[bytes], client.hvals(UNACKED_HASH))
-        held = sum(1 for entry in entries if _routing_key(entry) == settings.queue)
+        entries = cast(dict[bytes, bytes], client.hgetall(UNACKED_HASH))
+        mine = {tag: entry for tag, entry in entries.items() if _field(entry, 2) == settings.queue}
+        delivered = (
+            cast(list[float | None], client.zmscore(UNACKED_INDEX, [tag.decode() for tag in mine]))
+            if mine
+            else []
+        )
     finally:
         client.close()
-    return QueueStatus(settings.queue, waiting, held)
+    now = time.time()
+    held = [
+        HeldJob(str(_field(entry, 0, "headers", "argsrepr")), now - when)
+        for entry, when in zip(mine.values(), delivered, strict=True)
+        if when is not None
+    ]
+    held.sort(key=lambda job: job.held_s, reverse=True)
+    return QueueStatus(settings.queue, waiting, len(mine), held[:longest])
 
 
-def _routing_key(entry: bytes) -> str | None:
+def _field(entry: bytes, *path: int | str) -> object:
+    """A value inside one unacked entry, or None where it has none (a message not sent by Celery)."""
     try:
-        return str(json.loads(entry)[2])
-    except (ValueError, IndexError, TypeError):
+        value: Any = json.loads(entry)
+        for step in path:
+            value = value[step]
+        return value
+    except (ValueError, LookupError, TypeError):
         return None
 
 
@@ -86,7 +111,12 @@ def to_json(queue: QueueStatus, table: TableStatus) -> str:
     for (name, version, status), n in table.counts.items():
         versions.setdefault((name, version), {})[status] = n
     document: dict[str, Any] = {
-        "queue": {"name": queue.queue, "waiting": queue.waiting, "held": queue.held},
+        "queue": {
+            "name": queue.queue,
+            "waiting": queue.waiting,
+            "held": queue.held,
+            "longest_held": [{"job": job.what, "held_s": round(job.held_s, 1)} for job in queue.longest_held],
+        },
         "written_since": {
             "since": table.since.isoformat(),
             "rows": table.written_since,
@@ -101,7 +131,7 @@ def to_json(queue: QueueStatus, table: TableStatus) -> str:
 
 
 def to_rich(queue: QueueStatus, table: TableStatus) -> Group:
-    lines: Iterable[Text | Table] = [
+    lines: list[Text | Table] = [
         Text(
             f"queue '{queue.queue}': {queue.waiting:,} waiting (what KEDA scales on), "
             f"{queue.held:,} held by workers (in a batch or a retry's countdown)"
@@ -111,6 +141,13 @@ def to_rich(queue: QueueStatus, table: TableStatus) -> Group:
             + (f" (latest {table.latest_write:%Y-%m-%d %H:%M:%S %Z})" if table.latest_write else "")
         ),
     ]
+    if queue.longest_held:
+        lines.append(
+            Text(
+                "held longest: "
+                + ", ".join(f"{job.what} ({job.held_s:,.0f} s)" for job in queue.longest_held)
+            )
+        )
     rows = Table("model", "version", "status", "rows", title="rows by model version and status")
     for (name, version, status), n in table.counts.items():
         rows.add_row(name, version, status, f"{n:,}")

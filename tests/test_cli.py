@@ -146,13 +146,18 @@ def test_status_reports_the_queue_and_the_table(settings: Settings, pg_engine: E
         document = json.loads(enrich_cli(settings, "status", "--format", "json").stdout)
         table = enrich_cli(settings, "status").stdout
         held.ack()
-    assert document["queue"] == {"name": settings.queue, "waiting": 2, "held": 1}
+    queue = document["queue"]
+    assert (queue["name"], queue["waiting"], queue["held"]) == (settings.queue, 2, 1)
+    # The one held, named as the workers' logs name it, and how long it has been held.
+    [longest] = queue["longest_held"]
+    assert longest["job"] == "s3://shop/q0.jpg" and 0 <= longest["held_s"] < 60
     assert document["written_since"]["rows"] == 3
     assert document["models"] == [
         {"model_name": "enrich", "model_version": "2.0.0", "rows": {"failed_decode": 1, "ok": 1}},
         {"model_name": "enrich", "model_version": "1.0.0", "rows": {"ok": 1}},
     ]
-    assert "2 waiting" in table and "1 held" in table and "failed_decode" in table
+    assert "2 waiting" in table and "1 held" in table and "s3://shop/q0.jpg" in table
+    assert "failed_decode" in table
     later = json.loads(enrich_cli(settings, "status", "--since", "2999-01-01", "--format", "json").stdout)
     assert later["written_since"] == {"since": "2999-01-01T00:00:00+00:00", "rows": 0, "latest": None}
     assert enrich_cli(settings, "status", "--format", "csv", check=False).returncode == 2
