@@ -114,6 +114,13 @@ def redis_proxy() -> Iterator[TcpProxy]:
     proxy.close()
 
 
+@pytest.fixture
+def s3_proxy(moto_server: str) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(urlsplit(moto_server).port or 0)
+    yield proxy
+    proxy.close()
+
+
 def filling_a_batch_through(redis_proxy: TcpProxy, settings: Settings, **update: object) -> Settings:
     """A worker on the proxied broker that holds what it receives in a batch waiting 3 s to fill, and whose
     unacknowledged messages come back 3 s after a lost ack."""
@@ -299,6 +306,7 @@ def test_retries_a_silent_broker_cannot_take_leave_their_messages_to_come_back(
     moto_server: str,
     keys: list[str],
     redis_proxy: TcpProxy,
+    s3_proxy: TcpProxy,
     start_worker: StartWorker,
 ) -> None:
     # A worker cut off from the network (S3 and Redis at once): the batch's fetches fail, and the broker
@@ -306,37 +314,31 @@ def test_retries_a_silent_broker_cannot_take_leave_their_messages_to_come_back(
     # the same connection, are given up at once (until 2026-12-08 each waited the same in turn, holding the
     # worker). Their messages stay unacknowledged and come back once the network does.
     etags = put_images(moto_server, bucket, keys)
-    s3_proxy = TcpProxy(urlsplit(moto_server).port or 0)
-    try:
-        s3_proxy.down()
-        settings = filling_a_batch_through(
-            redis_proxy,
-            settings,
-            broker_socket_timeout_s=3,
-            max_wait_ms=5000,
-            s3_endpoint_url=f"http://127.0.0.1:{s3_proxy.port}",
-        )
-        publish(settings, bucket, etags)
-        worker = start_worker(settings)
-        wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
-        redis_proxy.blackhole()
-        # The fetches fail within ~6 s, the first retry after 2 x 3 s of timeouts; one after another, the six
-        # took ~40 s.
-        wait_for(lambda: worker.metric("enrich_retries_unsent_total") >= 6, timeout=22, what="retries unsent")
-        assert rows(pg_engine) == []
-        s3_proxy.up()
-        redis_proxy.up()
-        wait_for(
-            lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows once the network is back"
-        )
-        wait_for(
-            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
-            timeout=60,
-            what="every message settled",
-        )
-        assert worker.process.poll() is None
-    finally:
-        s3_proxy.close()
+    s3_proxy.down()
+    settings = filling_a_batch_through(
+        redis_proxy,
+        settings,
+        broker_socket_timeout_s=3,
+        max_wait_ms=5000,
+        s3_endpoint_url=f"http://127.0.0.1:{s3_proxy.port}",
+    )
+    publish(settings, bucket, etags)
+    worker = start_worker(settings)
+    wait_for(lambda: unacked_for(settings.queue) == 6, what="the worker holds 6")
+    redis_proxy.blackhole()
+    # The fetches fail within ~6 s, the first retry after 2 x 3 s of timeouts; one after another, the six
+    # took ~40 s.
+    wait_for(lambda: worker.metric("enrich_retries_unsent_total") >= 6, timeout=22, what="retries unsent")
+    assert rows(pg_engine) == []
+    s3_proxy.up()
+    redis_proxy.up()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows once the network is back")
+    wait_for(
+        lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+        timeout=60,
+        what="every message settled",
+    )
+    assert worker.process.poll() is None
 
 
 def healthz(worker: WorkerProcess) -> int:
@@ -380,24 +382,21 @@ def test_s3_outage_is_retried_then_succeeds(
     bucket: str,
     moto_server: str,
     keys: list[str],
+    s3_proxy: TcpProxy,
     start_worker: StartWorker,
 ) -> None:
     etags = put_images(moto_server, bucket, keys)
-    proxy = TcpProxy(urlsplit(moto_server).port or 0)
-    try:
-        proxy.down()
-        publish(settings, bucket, etags)
-        worker = start_worker(
-            settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"})
-        )
-        wait_for(
-            lambda: worker.metric('enrich_transient_failures_total{stage="fetch"}') >= 6, what="fetch retries"
-        )
-        assert rows(pg_engine) == []
-        proxy.up()
-        wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows after S3 came back")
-    finally:
-        proxy.close()
+    s3_proxy.down()
+    publish(settings, bucket, etags)
+    worker = start_worker(
+        settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{s3_proxy.port}"})
+    )
+    wait_for(
+        lambda: worker.metric('enrich_transient_failures_total{stage="fetch"}') >= 6, what="fetch retries"
+    )
+    assert rows(pg_engine) == []
+    s3_proxy.up()
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows after S3 came back")
 
 
 def test_transient_failures_that_exhaust_attempts_are_dead_lettered_and_can_be_retried(
@@ -406,30 +405,27 @@ def test_transient_failures_that_exhaust_attempts_are_dead_lettered_and_can_be_r
     bucket: str,
     moto_server: str,
     keys: list[str],
+    s3_proxy: TcpProxy,
     start_worker: StartWorker,
 ) -> None:
     etags = put_images(moto_server, bucket, keys[:2])
-    proxy = TcpProxy(urlsplit(moto_server).port or 0)
-    try:
-        proxy.down()
-        settings = settings.model_copy(
-            update={"max_attempts": 2, "s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"}
-        )
-        publish(settings, bucket, etags)
-        start_worker(settings)
-        wait_for(lambda: len(rows(pg_engine)) == 2, timeout=90, what="dead-lettered rows")
-        assert {r.status for r in rows(pg_engine)} == {"failed_fetch"}
-        assert all("gave up after retries" in (r.error or "") for r in rows(pg_engine))
-        failed = enrich_cli(settings, "query", "--status", "failed", "--format", "csv").stdout
-        assert all(key in failed for key in keys[:2])
+    s3_proxy.down()
+    settings = settings.model_copy(
+        update={"max_attempts": 2, "s3_endpoint_url": f"http://127.0.0.1:{s3_proxy.port}"}
+    )
+    publish(settings, bucket, etags)
+    start_worker(settings)
+    wait_for(lambda: len(rows(pg_engine)) == 2, timeout=90, what="dead-lettered rows")
+    assert {r.status for r in rows(pg_engine)} == {"failed_fetch"}
+    assert all("gave up after retries" in (r.error or "") for r in rows(pg_engine))
+    failed = enrich_cli(settings, "query", "--status", "failed", "--format", "csv").stdout
+    assert all(key in failed for key in keys[:2])
 
-        proxy.up()
-        retried = enrich_cli(settings, "retry", "--status", "failed_fetch")
-        assert "queued 2" in retried.stdout
-        wait_for(lambda: one_ok_row_per_key(pg_engine, keys[:2]), timeout=60, what="ok after retry")
-        assert all(r.attempts == 2 for r in rows(pg_engine))
-    finally:
-        proxy.close()
+    s3_proxy.up()
+    retried = enrich_cli(settings, "retry", "--status", "failed_fetch")
+    assert "queued 2" in retried.stdout
+    wait_for(lambda: one_ok_row_per_key(pg_engine, keys[:2]), timeout=60, what="ok after retry")
+    assert all(r.attempts == 2 for r in rows(pg_engine))
 
 
 def test_permanent_errors_fail_once_without_retrying(
