@@ -21,6 +21,8 @@ AT_LEAST_ONE: dict[str, str] = {
     "visibility_timeout_s": "Redis would hand every message in progress to another worker at once",
     "max_attempts": "a job needs at least one attempt to end as a row",
     "worker_processes": "1 runs the worker in the `enrich worker` process itself, N > 1 supervises N",
+    "stall_limit_s": "a worker's liveness probe would fail whenever it holds work, and it would be restarted"
+    " for ever",
 }
 
 
@@ -144,10 +146,10 @@ class Settings(BaseSettings):
 
     @field_validator(*AT_LEAST_ONE)
     @classmethod
-    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
+    def _at_least_one(cls, value: float, info: ValidationInfo) -> float:
         name = info.field_name or ""
         if value < 1:
-            raise ValueError(f"ENRICH_{name.upper()}={value} must be at least 1: {AT_LEAST_ONE[name]}")
+            raise ValueError(f"ENRICH_{name.upper()}={value:g} must be at least 1: {AT_LEAST_ONE[name]}")
         return value
 
     @field_validator("queue")

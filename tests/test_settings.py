@@ -40,7 +40,9 @@ def test_broken_json_for_allowed_buckets_says_what_to_write(monkeypatch: pytest.
         Settings()
 
 
-@pytest.mark.parametrize("name", ["batch_size", "visibility_timeout_s", "max_attempts", "worker_processes"])
+@pytest.mark.parametrize(
+    "name", ["batch_size", "visibility_timeout_s", "max_attempts", "worker_processes", "stall_limit_s"]
+)
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_counts_below_one_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(f"ENRICH_{name.upper()}", value)
