@@ -117,10 +117,10 @@ class BrokerGate:
 
     A batch's messages are settled one after another on its thread. On a broker gone silent each send waited
     out the socket timeout in turn (a batch of 64 held the worker 64 x 10 s, past the visibility timeout;
-    a retry, with kombu's publish retries and the reject after it, ~50 s each): after the first failure,
-    the sends for messages of the same channel are given up at once, for `pause_s`. A message whose ack or
-    retry was not sent stays unacknowledged, as after a failed send, and Redis hands it out again. Messages
-    delivered on a new connection (the consumer reconnected) are settled as usual.
+    a retry, with kombu's publish retry and the reject after it, about three timeouts each): after the
+    first failure, the sends for messages of the same channel are given up at once, for `pause_s`. A
+    message whose ack or retry was not sent stays unacknowledged, as after a failed send, and Redis hands
+    it out again. Messages delivered on a new connection (the consumer reconnected) are settled as usual.
     """
 
     def __init__(
