@@ -7,7 +7,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +24,8 @@ from schema.results import ObjectRef, Status
 from schema.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from schema.repository import EnrichmentQuery
     from schema.tables import Enrichment
 
@@ -595,19 +598,14 @@ def status(
     """Where the work stands: jobs waiting and held on the queue, rows written lately, rows by model
     version and status."""
     from enrich.status import queue_status, table_status, to_json, to_rich
-    from schema.db import make_engine, make_session_factory
 
     if output is OutputFormat.csv:
         raise typer.BadParameter("status prints a table or json", param_hint="--format")
     settings = _settings()
     after = _parse_time(since, "--since")
     assert after is not None  # given a value, it parses one or raises
-    engine = make_engine(settings.database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            table = table_status(session, after)
-    finally:
-        engine.dispose()
+    with _session(settings) as session:
+        table = table_status(session, after)
     queue = queue_status(settings)
     if output is OutputFormat.json:
         sys.stdout.write(to_json(queue, table))
@@ -615,19 +613,27 @@ def status(
         console.print(to_rich(queue, table))
 
 
-def _query_rows(settings: Settings, query: EnrichmentQuery) -> list[Enrichment]:
-    """One short-lived engine per command: the CLI runs a query and exits."""
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """One short-lived engine per command: the CLI runs its queries and exits."""
     from schema.db import make_engine, make_session_factory
-    from schema.repository import query_enrichments
 
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _query_rows(settings: Settings, query: EnrichmentQuery) -> list[Enrichment]:
+    from schema.repository import query_enrichments
+
+    try:
+        with _session(settings) as session:
             return query_enrichments(session=session, query=query)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
-    finally:
-        engine.dispose()
 
 
 def _print_rows(settings: Settings, *, output: OutputFormat, limit: int, **filters: object) -> None:

@@ -44,6 +44,11 @@ def queue_length(queue: str) -> int:
     return int(redis.Redis.from_url(REDIS_URL).llen(queue))
 
 
+def nothing_waiting_or_held(queue: str) -> bool:
+    """Every job settled: none left in the list, none delivered and unacknowledged."""
+    return queue_length(queue) == 0 and unacked_for(queue) == 0
+
+
 def publish(settings: Settings, bucket: str, etags: dict[str, str]) -> None:
     report = JobPublisher(settings).publish(ObjectRef(bucket, key, etag=etag) for key, etag in etags.items())
     assert report.published == len(etags)
@@ -79,7 +84,7 @@ def test_sigkill_mid_batch_brings_the_tasks_back_and_each_finishes_once(
     time.sleep(settings.visibility_timeout_s + 1)  # the messages become visible again
     start_worker(settings)
     wait_for(lambda: one_ok_row_per_key(pg_engine, keys), what="6 ok rows after the crash")
-    wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="all acked")
+    wait_for(lambda: nothing_waiting_or_held(settings.queue), what="all acked")
     assert all(r.attempts == 1 for r in rows(pg_engine))
 
 
@@ -97,7 +102,7 @@ def test_warm_shutdown_finishes_the_batch_in_hand(
     worker.process.send_signal(signal.SIGTERM)  # what Kubernetes sends on scale-down
     assert worker.process.wait(timeout=60) == 0
     assert one_ok_row_per_key(pg_engine, keys)
-    assert unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0
+    assert nothing_waiting_or_held(settings.queue)
 
 
 @pytest.fixture
@@ -155,7 +160,7 @@ def test_postgres_outage_is_retried_with_backoff_and_nothing_is_lost(
     assert rows(pg_engine) == []
     pg_proxy.up()
     wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows after the outage")
-    wait_for(lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0, what="all acked")
+    wait_for(lambda: nothing_waiting_or_held(settings.queue), what="all acked")
 
 
 def test_a_database_outage_longer_than_the_images_attempts_loses_nothing(
@@ -251,7 +256,7 @@ def test_broker_connections_lost_mid_batch_leave_each_image_enriched_once_and_th
         # Within the visibility timeout and Celery's reconnect back-off, not kombu's 50 s check for a
         # silent connection (which once hid a stall here; docs/reliability.md).
         wait_for(
-            lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+            lambda: nothing_waiting_or_held(settings.queue),
             timeout=30,
             what=f"the redelivered jobs acked (cut {cut})",
         )
@@ -290,7 +295,7 @@ def test_a_broker_gone_silent_mid_batch_neither_blocks_the_worker_nor_loses_an_i
     publish(settings, bucket, put_images(moto_server, bucket, late))
     wait_for(lambda: one_ok_row_per_key(pg_engine, [*keys, *late]), timeout=60, what="a new job's row")
     wait_for(
-        lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+        lambda: nothing_waiting_or_held(settings.queue),
         timeout=60,
         what="the redelivered jobs acked",
     )
@@ -334,7 +339,7 @@ def test_retries_a_silent_broker_cannot_take_leave_their_messages_to_come_back(
     redis_proxy.up()
     wait_for(lambda: one_ok_row_per_key(pg_engine, keys), timeout=90, what="rows once the network is back")
     wait_for(
-        lambda: unacked_for(settings.queue) == 0 and queue_length(settings.queue) == 0,
+        lambda: nothing_waiting_or_held(settings.queue),
         timeout=60,
         what="every message settled",
     )

@@ -123,27 +123,21 @@ class BrokerGate:
     it out again. Messages delivered on a new connection (the consumer reconnected) are settled as usual.
     """
 
-    def __init__(
-        self,
-        pause_s: float,
-        errors: tuple[type[BaseException], ...],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, pause_s: float, errors: tuple[type[BaseException], ...]) -> None:
         self._pause_s = pause_s
         self._errors = errors
-        self._clock = clock
         self._channel: object = None
         self._until = float("-inf")
 
     def send(self, channel: object, action: Callable[[], object]) -> str | None:
         """None once sent; else why not."""
-        if channel is self._channel and self._clock() < self._until:
+        if channel is self._channel and time.monotonic() < self._until:
             return "not sent: the broker failed on this connection just before"
         try:
             action()
             return None
         except self._errors as error:
-            self._channel, self._until = channel, self._clock() + self._pause_s
+            self._channel, self._until = channel, time.monotonic() + self._pause_s
             return f"{type(error).__name__}: {error}"
 
 
